@@ -1,0 +1,29 @@
+"""Losses: max log-confidence, cross-entropy, weight decay."""
+import numpy as np
+import tensorflow as tf
+
+from acet_tf import losses
+
+
+def test_max_log_confidence_of_uniform_logits_is_minus_log_k():
+  for k in (2, 10, 100):
+    out = losses.max_log_confidence(tf.zeros([3, k])).numpy()
+    np.testing.assert_allclose(out, -np.log(k), rtol=1e-6)
+
+
+def test_max_log_confidence_approaches_zero_for_a_dominant_class():
+  out = losses.max_log_confidence(tf.constant([[50.0, 0.0, 0.0]])).numpy()
+  assert -1e-6 < out[0] <= 0
+
+
+def test_cross_entropy_matches_hand_value():
+  logits = tf.constant([[2.0, 0.0], [0.0, 0.0]])
+  want = [np.log(1 + np.exp(-2.0)), np.log(2.0)]
+  np.testing.assert_allclose(losses.cross_entropy(logits, [0, 1]).numpy(), want, rtol=1e-6)
+
+
+def test_weight_decay_counts_kernels_only():
+  kernel = tf.Variable(tf.fill([2, 3], 2.0))
+  bias = tf.Variable(tf.fill([3], 10.0))
+  assert np.isclose(losses.weight_decay([kernel, bias], 5e-4).numpy(), 5e-4 * 6 * 4.0)
+  assert losses.weight_decay([bias], 5e-4).numpy() == 0

@@ -1,0 +1,141 @@
+"""The compiled train step shared by plain, CEDA and ACET, run under a tf.distribute strategy.
+
+plain: cross-entropy on the clean batch. CEDA: plus the max log-confidence on as many noise
+images (lambda = noise.ratio). ACET: the noise images are first moved by PGD to the most
+confident point of their eps-ball. The data loss is the sum over clean and noise examples divided
+by their global count (the reference), plus weight decay.
+"""
+import math
+
+import keras
+import tensorflow as tf
+
+from acet_tf import attacks
+from acet_tf import batch_random
+from acet_tf import losses
+from acet_tf import noise as noise_lib
+
+# Streams of the per-step stateless seed.
+NOISE_STREAM, PGD_STREAM = 1, 2
+
+# Per-replica sums returned by a step; the trainer divides by the counts.
+METRIC_SUMS = ('loss', 'loss_in', 'loss_out', 'errors', 'conf_in', 'conf_out', 'count_in',
+               'count_out')
+
+
+def learning_rate_schedule(config, total_steps):
+  """Piecewise constant: the base rate times decay_factor from step int(f * total) on, per f.
+
+  Keras uses values[i] while step <= boundaries[i], hence the - 1.
+  """
+  boundaries = [int(f * total_steps) - 1 for f in config.optimizer.decay_at]
+  values = [config.optimizer.learning_rate * config.optimizer.decay_factor ** i
+            for i in range(len(boundaries) + 1)]
+  return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+
+
+def create_optimizer(config, total_steps):
+  """Adam or SGD with momentum on the step schedule. Build it inside strategy.scope()."""
+  schedule = learning_rate_schedule(config, total_steps)
+  name = config.optimizer.name
+  if name == 'adam':
+    optimizer = keras.optimizers.Adam(learning_rate=schedule)
+  elif name == 'sgd':
+    optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=config.optimizer.momentum)
+  else:
+    raise ValueError(f"config.optimizer.name must be 'adam' or 'sgd', got {name!r}")
+  if config.mixed_precision == 'mixed_float16':
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+def out_batch(model, config, images, step):
+  """The out-distribution half of the batch: noise (CEDA) or adversarial noise (ACET).
+
+  Returns float32 [N, H, W, C] in [0, 1], N = ceil(noise.ratio * B), or None for plain.
+  """
+  if config.noise.ratio == 0:
+    return None
+  num_noise = math.ceil(config.noise.ratio * images.shape[0])
+  noise = noise_lib.make_noise(
+      images[:num_noise], batch_random.step_seed(config.seed, step, NOISE_STREAM), config.noise)
+  if config.pgd.steps == 0:
+    return noise
+  return attacks.pgd(
+      logits_fn=lambda u: model(u, training=False), x0=noise, objective=attacks.max_log_confidence_objective,
+      eps=config.pgd.eps, step_size=config.pgd.step_size, steps=config.pgd.steps,
+      seed=batch_random.step_seed(config.seed, step, PGD_STREAM),
+      random_start=config.pgd.random_start)[0]
+
+
+def make_replica_step(model, optimizer, config):
+  """One optimisation step on one replica's batch; returns the per-replica METRIC_SUMS."""
+
+  def replica_step(images, labels):
+    ctx = tf.distribute.get_replica_context()
+    step = optimizer.iterations
+    n_in = images.shape[0]
+    out = out_batch(model, config, images, step)
+    inputs = images if out is None else tf.concat([images, out], axis=0)
+    n_out = 0 if out is None else out.shape[0]
+    global_count = (n_in + n_out) * ctx.num_replicas_in_sync
+    with tf.GradientTape() as tape:
+      logits = tf.cast(model(inputs, training=True), tf.float32)
+      loss_in = losses.cross_entropy(logits[:n_in], labels)
+      loss_out = losses.max_log_confidence(logits[n_in:])
+      data_loss = tf.nn.compute_average_loss(
+          tf.concat([loss_in, loss_out], axis=0), global_batch_size=global_count)
+      # Keras 3 sums gradients over replicas: scale the per-replica regulariser by 1/replicas.
+      decay = tf.nn.scale_regularization_loss(
+          losses.weight_decay(model.trainable_variables, config.weight_decay))
+      loss = data_loss + decay
+      scaled = optimizer.scale_loss(loss) if hasattr(optimizer, 'scale_loss') else loss
+    grads = tape.gradient(scaled, model.trainable_variables)
+    # A NaN can hide from the loss (max-pool turns NaN into -FLT_MAX) yet poison the gradients:
+    # check both, so the step that breaks the weights is the one reported.
+    finite = tf.reduce_all([tf.math.is_finite(loss)] + [
+        tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    probs = tf.nn.softmax(logits)
+    conf = tf.reduce_max(probs, axis=-1)
+    wrong = tf.not_equal(tf.argmax(logits[:n_in], axis=-1, output_type=tf.int32),
+                         tf.cast(labels, tf.int32))
+    return dict(
+        loss=loss, loss_in=tf.reduce_sum(loss_in), loss_out=tf.reduce_sum(loss_out),
+        errors=tf.reduce_sum(tf.cast(wrong, tf.float32)),
+        conf_in=tf.reduce_sum(conf[:n_in]), conf_out=tf.reduce_sum(conf[n_in:]),
+        count_in=tf.constant(float(n_in)), count_out=tf.constant(float(n_out)),
+        nonfinite=1.0 - tf.cast(finite, tf.float32))
+
+  if config.jit_compile:
+    replica_step = tf.function(replica_step, jit_compile=True)
+  return replica_step
+
+
+def make_train_function(model, optimizer, config, strategy):
+  """Returns train_steps(iterator, num_steps) -> (sums, bad_step), one compiled call.
+
+  Runs up to `num_steps` steps in one tf.function call (hides per-call dispatch) and returns the
+  METRIC_SUMS reduced over replicas and steps. If a step's loss or gradients are not finite the
+  loop stops there and `bad_step` holds that step's index (else -1); that step has already
+  updated the weights, so the caller must not save them.
+  """
+  replica_step = make_replica_step(model, optimizer, config)
+
+  @tf.function
+  def train_steps(iterator, num_steps):
+    sums = {k: tf.constant(0.0) for k in METRIC_SUMS}
+    bad_step = tf.constant(-1, tf.int64)
+    for _ in tf.range(num_steps):
+      step = tf.identity(optimizer.iterations)
+      per_replica = strategy.run(replica_step, args=next(iterator))
+      reduced = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+                 for k, v in per_replica.items()}
+      if reduced['nonfinite'] > 0:
+        bad_step = step
+        break
+      sums = {k: sums[k] + reduced[k] for k in METRIC_SUMS}
+    return sums, bad_step
+
+  return train_steps
+

@@ -1,0 +1,33 @@
+"""The classifiers, chosen by name from the config (`config.model`).
+
+Every model maps images float32 [B, H, W, C] in [0, 1] to logits float32 [B, K] (no softmax, no input
+normalisation) and uses only ReLU, max/average pooling and (at inference) affine batch norm, so the
+logits are piecewise affine in the input, the setting of the paper's Theorem 3.1.
+"""
+from acet_tf.models.lenet import lenet
+from acet_tf.models.resnet import preact_resnet
+from acet_tf.models.resnet import resnet18
+
+_BUILDERS = {
+    'lenet': lenet,
+    'preact_resnet': preact_resnet,  # The reference's "resnet_small".
+    'resnet18': resnet18,
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def create_model(name, input_shape, num_classes):
+  """Builds the model `name`, one of MODEL_NAMES; call it inside `strategy.scope()` to distribute it.
+
+  Args:
+    name: 'lenet', 'preact_resnet' or 'resnet18'; becomes `model.name`.
+    input_shape: (H, W, C) of the images.
+    num_classes: K.
+
+  Returns:
+    A keras.Model: images float32 [B, H, W, C] in [0, 1] -> logits float32 [B, K]. Call it as
+    `model(x, training=...)`; with training=False batch norm uses and keeps its moving statistics.
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+  return _BUILDERS[name](tuple(input_shape), int(num_classes), name=name)

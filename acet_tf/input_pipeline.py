@@ -223,7 +223,7 @@ def augment(image, seed, crop_padding, flip):
 
 
 def train_dataset(config, info, *, start_step=0, input_context=None):
-  """The endless, deterministic training stream from `start_step` on.
+  """The deterministic training stream from `start_step` to the end of training.
 
   Epoch e is a shuffle of the train split seeded by (config.seed, e), sharded over the input
   pipelines, augmented with a seed per (config.seed, e, example), cut to whole steps. So the stream
@@ -256,6 +256,9 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     # Replicas of one worker take consecutive batches of that worker's pipeline.
     batches_per_step = input_context.num_replicas_in_sync // num_pipelines
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  end_epoch = max(-(-total_steps // steps_per_epoch), start_epoch + 1)
 
   data = _load_uint8(config.dataset, 'train', config.data_dir)
   if tuple(data.element_spec[0].shape) != tuple(info.image_shape):
@@ -273,11 +276,11 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
   crop_padding, flip = config.augment.crop_padding, config.augment.flip
 
   def epoch(e):
+    # A Python int seed per epoch: Dataset.shuffle mishandles a tensor seed when the global seed
+    # is 0 (its `seeds == (0, 0)` check calls bool() on a tensor).
+    shuffle_seed = int(np.random.SeedSequence([config.seed, e]).generate_state(1)[0])
     epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)  # int64 [2].
-    # Not epoch_seed[0]: fold_in's first half does not depend on the data folded in.
-    shuffle_seed = tf.random.stateless_uniform(
-        [], epoch_seed, minval=None, maxval=None, dtype=tf.int64)
-    skip_batches = tf.cast(e == start_epoch, tf.int64) * (skip_steps * batches_per_step)
+    skip_batches = skip_steps * batches_per_step if e == start_epoch else 0
     ds = data.enumerate().shuffle(
         config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     ds = ds.shard(num_pipelines, pipeline_id)
@@ -294,8 +297,11 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     return ds.batch(batch_size, drop_remainder=True).take(
         steps_per_epoch * batches_per_step - skip_batches)
 
-  epochs = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max)
-  return epochs.flat_map(epoch).prefetch(tf.data.AUTOTUNE)
+  # Epochs are chained in Python (each needs its own int seed); the stream ends with training.
+  stream = epoch(start_epoch)
+  for e in range(start_epoch + 1, end_epoch):
+    stream = stream.concatenate(epoch(e))
+  return stream.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(name, split, batch_size, *, data_dir=None, max_examples=None):

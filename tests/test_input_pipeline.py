@@ -17,6 +17,7 @@ NUM_TRAIN = 4000  # mnist5k.
 def _config(batch_size, crop_padding=0, flip=False, dataset='mnist5k'):
   return ml_collections.ConfigDict(dict(
       dataset=dataset, data_dir='', batch_size=batch_size, seed=3, shuffle_buffer=1000,
+      num_epochs=5, num_train_steps=-1,
       augment=dict(crop_padding=crop_padding, flip=flip)))
 
 

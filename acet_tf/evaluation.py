@@ -1,0 +1,143 @@
+"""Batched confidence predictions and the generated out-sets (noise, adversarial noise/samples).
+
+Shared by the periodic evaluation in training and by the evaluation binary (acet_tf.evaluate).
+Everything runs batch by batch in compiled functions; nothing loops over single images.
+"""
+import dataclasses
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from acet_tf import attacks
+from acet_tf import batch_random
+from acet_tf import noise as noise_lib
+
+# Streams of the evaluation seed, so each generated set is reproducible on its own. Evaluation
+# seeds use step -1, which no training step has.
+NOISE_STREAM, ADV_NOISE_STREAM, ADV_SAMPLES_STREAM = 11, 12, 13
+EVAL_STEP = -1
+
+
+def eval_seed(base_seed, stream):
+  """The stateless seed of an evaluation set."""
+  return batch_random.step_seed(base_seed, EVAL_STEP, stream)
+
+
+@dataclasses.dataclass
+class Predictions:
+  """Per-example results, numpy arrays of length N."""
+  confidence: np.ndarray  # float32, max softmax.
+  predicted: np.ndarray  # int32, argmax class.
+  labels: np.ndarray  # int32 (meaningless for generated noise).
+
+
+def make_predict_fn(model):
+  """images float32 [B, H, W, C] in [0, 1] -> softmax probabilities float32 [B, K]."""
+
+  @tf.function(reduce_retracing=True)
+  def predict(images):
+    return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32))
+
+  return predict
+
+
+def predict_batches(predict_fn, batches):
+  """Runs `predict_fn` over an iterable of (images, labels) batches. Returns Predictions."""
+  conf, pred, labels = [], [], []
+  for images, y in batches:
+    probs = predict_fn(images).numpy()
+    conf.append(probs.max(axis=1))
+    pred.append(probs.argmax(axis=1).astype(np.int32))
+    labels.append(np.asarray(y, np.int32))
+  if not conf:
+    raise ValueError('predict_batches got no batches: the dataset is empty.')
+  return Predictions(np.concatenate(conf), np.concatenate(pred), np.concatenate(labels))
+
+
+def noise_batches(source_batches, seed, noise_config):
+  """Noise images made from a dataset of (images, labels) batches, one per source image.
+
+  The permuted half permutes the pixels of the source images (evaluation uses the test set).
+  Yields (noise float32 [b, H, W, C] in [0, 1], labels) with the source labels (unused).
+  """
+  make = tf.function(lambda x, s: noise_lib.make_noise(x, s, noise_config),
+                     reduce_retracing=True)
+  for i, (images, labels) in enumerate(source_batches):
+    yield make(images, tf.random.experimental.stateless_fold_in(seed, i)), labels
+
+
+def attack_batches(model, batches, objective, *, eps, step_size, steps, seed, restarts=1,
+                   name='attack'):
+  """PGD on every batch of (images, labels); yields (adversarial images, labels).
+
+  With restarts > 1, each restart starts from a new random point and the per-example best
+  objective over restarts is kept. Logs progress with timing per batch.
+  """
+
+  @tf.function(reduce_retracing=True)
+  def attack(images, labels, seed):
+    best_u, best_obj = attacks.pgd(
+        lambda u: model(u, training=False), images, objective, eps=eps, step_size=step_size,
+        steps=steps, seed=seed, labels=labels)
+    for r in range(1, restarts):
+      u, obj = attacks.pgd(
+          lambda u: model(u, training=False), images, objective, eps=eps,
+          step_size=step_size, steps=steps, seed=tf.random.experimental.stateless_fold_in(
+              seed, 1000 + r), labels=labels)
+      better = obj > best_obj
+      best_u = tf.where(tf.reshape(better, [-1, 1, 1, 1]), u, best_u)
+      best_obj = tf.maximum(obj, best_obj)
+    return best_u
+
+  start, done = time.time(), 0
+  for i, (images, labels) in enumerate(batches):
+    adv = attack(images, labels, tf.random.experimental.stateless_fold_in(seed, i))
+    done += int(adv.shape[0])
+    logging.info('%s: %d images, %d PGD steps x %d restarts, %.1f s', name, done, steps,
+                 restarts, time.time() - start)
+    yield adv, labels
+
+
+def take_examples(batches, max_examples):
+  """Yields batches until `max_examples` examples are out, cutting the last one."""
+  left = max_examples
+  for images, labels in batches:
+    if left <= 0:
+      return
+    yield images[:left], labels[:left]
+    left -= int(images.shape[0])
+
+
+def evaluate_during_training(model, config, test_dataset):
+  """The periodic evaluation of the train loop (the full Table 1 is acet_tf.evaluate).
+
+  Args:
+    model: a Keras model returning logits.
+    config: the run's config (reads seed, noise, eval.adv_noise_*).
+    test_dataset: batches of (images, labels) of the in-distribution test set.
+
+  Returns:
+    (scalars, images): scalars {'test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'};
+    images {'noise', 'adv_noise'}: float32 [n, H, W, C] for summaries.
+  """
+  predict = make_predict_fn(model)
+  test = predict_batches(predict, test_dataset)
+  noise = list(noise_batches(test_dataset, eval_seed(config.seed, NOISE_STREAM), config.noise))
+  noise_pred = predict_batches(predict, noise)
+  adv = list(attack_batches(
+      model, take_examples(noise, config.eval.adv_noise_examples),
+      attacks.max_log_confidence_objective, eps=config.eval.adv_noise_eps,
+      step_size=config.eval.adv_noise_step_size, steps=config.eval.adv_noise_steps,
+      seed=eval_seed(config.seed, ADV_NOISE_STREAM), name='adversarial noise'))
+  adv_pred = predict_batches(predict, adv)
+  scalars = {
+      'test/error': float(np.mean(test.predicted != test.labels)),
+      'test/mmc': float(np.mean(test.confidence)),
+      'noise/mmc': float(np.mean(noise_pred.confidence)),
+      'adv_noise/mmc': float(np.mean(adv_pred.confidence)),
+  }
+  n = config.num_summary_images
+  images = {'noise': noise[0][0][:n].numpy(), 'adv_noise': adv[0][0][:n].numpy()}
+  return scalars, images

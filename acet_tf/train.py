@@ -1,0 +1,335 @@
+"""Trains a plain, CEDA or ACET classifier; resumes by itself from its workdir.
+
+  python -m acet_tf.train --config=configs/mnist5k.py:acet --workdir=runs/mnist5k_acet
+
+`main` only parses flags; the work is `train_and_evaluate(config, workdir)`, which tests call.
+"""
+import json
+import os
+import signal
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from acet_tf import distribution
+from acet_tf import evaluation
+from acet_tf import input_pipeline
+from acet_tf import models
+from acet_tf import train_step
+from configs import common
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file and argument.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries, metrics.')
+
+# Keys that may change between a run and its resumption (they do not change what is trained).
+RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', 'eval',
+                     'num_summary_images', 'steps_per_call', 'strategy', 'tpu_address',
+                     'jit_compile', 'data_dir')
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks.
+# ----------------------------------------------------------------------------------------------
+
+
+def validate_config(config):
+  """Raises ValueError naming the key for any inconsistent or out-of-range setting."""
+  def check(ok, message):
+    if not ok:
+      raise ValueError(f'Bad config: {message}')
+
+  check(config.method in common.METHODS, f'method must be one of {common.METHODS}, '
+        f'got {config.method!r}')
+  check(bool(config.dataset), 'dataset is empty')
+  check(config.model in models.MODEL_NAMES, f'model must be one of {models.MODEL_NAMES}, '
+        f'got {config.model!r}')
+  check(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
+  check(config.num_epochs > 0 or config.num_train_steps > 0,
+        'set num_epochs > 0 or num_train_steps > 0')
+  ratio, pgd_steps = config.noise.ratio, config.pgd.steps
+  if config.method == 'plain':
+    check(ratio == 0 and pgd_steps == 0,
+          f'method plain uses no noise and no PGD: noise.ratio={ratio}, pgd.steps={pgd_steps}')
+  else:
+    check(0 < ratio <= 1, f'noise.ratio must be in (0, 1] for {config.method}, got {ratio}')
+    if config.method == 'ceda':
+      check(pgd_steps == 0, f'method ceda uses no PGD, got pgd.steps={pgd_steps} (use acet)')
+    else:
+      check(pgd_steps > 0, f'method acet needs pgd.steps > 0, got {pgd_steps}')
+  n = config.noise
+  check(0 <= n.permuted_fraction <= 1, f'noise.permuted_fraction must be in [0, 1], got '
+        f'{n.permuted_fraction}')
+  check(0 < n.sigma_min <= n.sigma_max, f'need 0 < noise.sigma_min <= noise.sigma_max, got '
+        f'{n.sigma_min}, {n.sigma_max}')
+  check(n.kernel_size % 2 == 1, f'noise.kernel_size must be odd, got {n.kernel_size}')
+  for key in ('eps', 'step_size'):
+    check(config.pgd[key] > 0, f'pgd.{key} must be > 0, got {config.pgd[key]}')
+  check(config.mixed_precision in ('', 'mixed_float16', 'mixed_bfloat16'),
+        f'mixed_precision must be "", "mixed_float16" or "mixed_bfloat16", got '
+        f'{config.mixed_precision!r}')
+  for key in ('log_every_steps', 'checkpoint_every_steps', 'steps_per_call', 'max_checkpoints'):
+    check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
+  check(config.eval.every_steps > 0, f'eval.every_steps must be > 0, got '
+        f'{config.eval.every_steps}')
+
+
+def check_resumable(config, workdir):
+  """Refuses to continue a run in `workdir` that was trained with other hyperparameters."""
+  path = os.path.join(workdir, 'config.json')
+  if not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json())
+  changed = sorted(k for k in set(saved) | set(current)
+                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+  if changed:
+    raise ValueError(
+        f'{workdir} holds a run with a different config (keys {changed}); resuming it would mix '
+        f'two experiments. Use another --workdir, or delete {workdir} to start over.')
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging helpers.
+# ----------------------------------------------------------------------------------------------
+
+
+def window_metrics(sums, learning_rate):
+  """Turns summed METRIC_SUMS over a window of steps into the train/ scalars."""
+  steps = max(sums['steps'], 1)
+  metrics = {
+      'train/loss': sums['loss'] / steps,
+      'train/loss_in': sums['loss_in'] / max(sums['count_in'], 1),
+      'train/error': sums['errors'] / max(sums['count_in'], 1),
+      'train/mmc_in': sums['conf_in'] / max(sums['count_in'], 1),
+      'train/learning_rate': learning_rate,
+  }
+  if sums['count_out'] > 0:
+    metrics['train/loss_out'] = sums['loss_out'] / sums['count_out']
+    metrics['train/mmc_out'] = sums['conf_out'] / sums['count_out']
+  return metrics
+
+
+def write_scalars(writer, step, scalars):
+  with writer.as_default(step=step):
+    for name, value in scalars.items():
+      tf.summary.scalar(name, value)
+  writer.flush()
+
+
+def format_duration(seconds):
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def write_json(path, data):
+  tmp = path + '.tmp'
+  with tf.io.gfile.GFile(tmp, 'w') as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------------------------
+
+
+class _Preemption:
+  """Remembers a SIGTERM so the loop can checkpoint and stop between calls."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread (e.g. some test runners): no handler.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM: saving a checkpoint and stopping after the current step.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def total_train_steps(config, info):
+  steps_per_epoch = info.num_train_examples // config.batch_size
+  if steps_per_epoch < 1:
+    raise ValueError(f'batch_size {config.batch_size} exceeds the {info.num_train_examples} '
+                     f'training examples of {config.dataset}.')
+  if config.num_train_steps > 0:
+    return config.num_train_steps, steps_per_epoch
+  return config.num_epochs * steps_per_epoch, steps_per_epoch
+
+
+def build_model_and_optimizer(config, info, total_steps, strategy):
+  """Model, optimizer and checkpoint, created in the strategy's scope."""
+  if config.mixed_precision:
+    keras.mixed_precision.set_global_policy(config.mixed_precision)
+  with strategy.scope():
+    model = models.create_model(config.model, info.image_shape, info.num_classes)
+    optimizer = train_step.create_optimizer(config, total_steps)
+    # Built here, not lazily in the first distributed step (that fails with a placeholder error).
+    optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+  return model, optimizer, checkpoint
+
+
+def restore_model(workdir, config=None):
+  """Model of the latest checkpoint in `workdir`, with the config saved there (or `config`).
+
+  Returns (model, config, info, step). For evaluation and export.
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if config is None:
+    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json')) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  info = input_pipeline.get_info(config.dataset, config.data_dir or None)
+  total_steps, _ = total_train_steps(config, info)
+  strategy = tf.distribute.get_strategy()
+  model, optimizer, checkpoint = build_model_and_optimizer(config, info, total_steps, strategy)
+  latest = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
+  if latest is None:
+    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first.')
+  checkpoint.restore(latest).expect_partial()
+  return model, config, info, int(optimizer.iterations.numpy())
+
+
+def train_and_evaluate(config, workdir):
+  """Trains per `config`, checkpointing to and resuming from `workdir`.
+
+  Resume order: the latest checkpoint in workdir/checkpoints (model, optimizer state and step;
+  the learning rate and data position follow from the step), else a fresh start.
+
+  Returns:
+    The final metrics (also in workdir/final_metrics.json): step, test/error, test/mmc,
+    noise/mmc, adv_noise/mmc and the last train/ window.
+  """
+  validate_config(config)
+  strategy = distribution.create_strategy(config.strategy, config.tpu_address)
+  if config.batch_size % strategy.num_replicas_in_sync:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
+                     f'{strategy.num_replicas_in_sync} replicas.')
+  chief = distribution.is_chief(strategy)
+  data_dir = config.data_dir or None
+  info = input_pipeline.get_info(config.dataset, data_dir)
+  total_steps, steps_per_epoch = total_train_steps(config, info)
+  model, optimizer, checkpoint = build_model_and_optimizer(config, info, total_steps, strategy)
+  if model.input_shape[1:] != tuple(info.image_shape):
+    raise ValueError(f'Dataset {config.dataset} has images of shape {info.image_shape} but '
+                     f'model {config.model} takes {model.input_shape[1:]}.')
+
+  tf.io.gfile.makedirs(workdir)
+  check_resumable(config, workdir)
+  manager = tf.train.CheckpointManager(
+      checkpoint, os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_checkpoints)
+  if manager.latest_checkpoint:
+    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    logging.info('Resumed from %s.', manager.latest_checkpoint)
+  start_step = int(optimizer.iterations.numpy())
+  if chief:
+    write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+  writer = (tf.summary.create_file_writer(workdir) if chief
+            else tf.summary.create_noop_writer())
+
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(config, info, start_step=start_step,
+                                               input_context=ctx))
+  iterator = iter(dataset)
+  train_steps = train_step.make_train_function(model, optimizer, config, strategy)
+  test_dataset = input_pipeline.eval_dataset(
+      config.dataset, 'test', config.eval.batch_size, data_dir=data_dir,
+      max_examples=config.eval.max_examples)
+
+  def run_eval(step):
+    scalars, images = evaluation.evaluate_during_training(model, config, test_dataset)
+    write_scalars(writer, step, {f'eval/{k}': v for k, v in scalars.items()})
+    with writer.as_default(step=step):
+      for name, batch in images.items():
+        tf.summary.image(f'eval/{name}', batch, max_outputs=config.num_summary_images)
+    logging.info('Eval at step %d: %s', step,
+                 ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
+    return scalars
+
+  logging.info('Training %s %s on %s: steps %d -> %d (%d per epoch).', config.method,
+               config.model, config.dataset, start_step, total_steps, steps_per_epoch)
+  step, train_metrics = start_step, {}
+  window = dict.fromkeys(train_step.METRIC_SUMS + ('steps',), 0.0)
+  t_start, t_window = time.time(), time.time()
+  with _Preemption() as preemption:
+    while step < total_steps:
+      boundaries = [total_steps, step + config.steps_per_call]
+      for every in (config.log_every_steps, config.checkpoint_every_steps,
+                    config.eval.every_steps):
+        boundaries.append((step // every + 1) * every)
+      num = min(boundaries) - step
+      sums, bad_step = train_steps(iterator, tf.constant(num))
+      if int(bad_step) >= 0:
+        raise FloatingPointError(
+            f'Non-finite loss at step {int(bad_step)}; stopped without saving. The last good '
+            f'checkpoint is {manager.latest_checkpoint}. Lower the learning rate or check the data.')
+      step += num
+      for k, v in sums.items():
+        window[k] += float(v)
+      window['steps'] += num
+      if step % config.log_every_steps == 0 or step == total_steps:
+        lr = float(optimizer.learning_rate.numpy()) if hasattr(
+            optimizer.learning_rate, 'numpy') else float(optimizer.learning_rate)
+        train_metrics = window_metrics(window, lr)
+        elapsed = time.time() - t_window
+        train_metrics['train/images_per_second'] = window['count_in'] / max(elapsed, 1e-9)
+        write_scalars(writer, step, train_metrics)
+        rate = (step - start_step) / max(time.time() - t_start, 1e-9)
+        logging.info(
+            'step %d/%d epoch %.2f | loss %.4f err %.2f%% mmc_in %.3f%s | %.0f img/s | ETA %s',
+            step, total_steps, step / steps_per_epoch, train_metrics['train/loss'],
+            100 * train_metrics['train/error'], train_metrics['train/mmc_in'],
+            (f" mmc_out {train_metrics['train/mmc_out']:.3f}"
+             if 'train/mmc_out' in train_metrics else ''),
+            train_metrics['train/images_per_second'],
+            format_duration((total_steps - step) / max(rate, 1e-9)))
+        window = dict.fromkeys(window, 0.0)
+        t_window = time.time()
+      if step % config.checkpoint_every_steps == 0 or step == total_steps or (
+          preemption.requested):
+        manager.save(checkpoint_number=step)
+      if preemption.requested:
+        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.',
+                        step)
+        raise SystemExit(143)
+      if step % config.eval.every_steps == 0 and step < total_steps:
+        run_eval(step)
+
+  final = {'step': step}
+  final.update(run_eval(step))
+  final.update(train_metrics)
+  final['wall_time_s'] = time.time() - t_start
+  if chief:
+    write_json(os.path.join(workdir, 'final_metrics.json'), final)
+  logging.info('Final metrics: %s', json.dumps(final, sort_keys=True))
+  return final
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required.')
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,123 @@
+"""The train binary end to end: mnist5k and mock TFDS data, resume, config errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from acet_tf import train
+from configs import mnist
+from configs import mnist5k
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small(config):
+  config.strategy = 'one_device'
+  return config
+
+
+@pytest.mark.parametrize('method', ['plain', 'ceda', 'acet'])
+def test_mnist5k_runlocal_end_to_end(tmp_path, method):
+  config = small(mnist5k.get_config(f'{method},runlocal'))
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert final['step'] == config.num_train_steps
+  for key in ('test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'):
+    assert 0 <= final[key] <= 1, key
+  assert 0.1 <= final['test/mmc'] <= 1  # Max softmax over 10 classes is at least 1/10.
+  on_disk = json.loads((tmp_path / 'final_metrics.json').read_text())
+  assert on_disk['step'] == final['step']
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['method'] == method and saved['pgd']['steps'] == config.pgd.steps
+  assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith(
+      f'-{config.num_train_steps}')
+  events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  assert events, 'no TensorBoard summaries written'
+  if method != 'plain':
+    assert 'train/loss_out' in final and 'train/mmc_out' in final
+
+
+def test_tfds_mock_data_end_to_end(tmp_path):
+  config = small(mnist.get_config('acet,runlocal'))
+  with tfds.testing.mock_data(num_examples=64):
+    final = train.train_and_evaluate(config, str(tmp_path))
+  assert final['step'] == config.num_train_steps
+  assert 0 <= final['adv_noise/mmc'] <= 1
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
+  config = small(mnist5k.get_config('plain,runlocal'))
+  config.checkpoint_every_steps = 3
+  calls = []
+  original = train.train_step.make_train_function
+
+  def crash_after_step_3(*args):
+    fn = original(*args)
+
+    def wrapped(iterator, num):
+      if sum(calls) >= 3:
+        raise KeyboardInterrupt('simulated crash after the step-3 checkpoint')
+      calls.append(int(num))
+      return fn(iterator, num)
+    return wrapped
+
+  monkeypatch.setattr(train.train_step, 'make_train_function', crash_after_step_3)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('-3')
+  monkeypatch.setattr(train.train_step, 'make_train_function', original)
+  resumed_calls = []
+
+  def count_steps(*args):
+    fn = original(*args)
+
+    def wrapped(iterator, num):
+      resumed_calls.append(int(num))
+      return fn(iterator, num)
+    return wrapped
+
+  monkeypatch.setattr(train.train_step, 'make_train_function', count_steps)
+  final = train.train_and_evaluate(config, str(tmp_path))
+  assert sum(resumed_calls) == config.num_train_steps - 3  # Only the missing steps ran.
+  assert final['step'] == config.num_train_steps
+
+
+def test_refuses_to_resume_a_run_with_other_hyperparameters(tmp_path):
+  train.train_and_evaluate(small(mnist5k.get_config('plain,runlocal')), str(tmp_path))
+  config = small(mnist5k.get_config('plain,runlocal'))
+  config.weight_decay = 1e-3
+  with pytest.raises(ValueError, match=r"different config \(keys \['weight_decay'\]\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('acet,runloca', 'Unknown config argument'),
+    ('runlocal', 'must name a method'),
+    ('acet,runlocal=maybe', 'true/false'),
+])
+def test_bad_config_argument_fails_clearly(arg, message):
+  with pytest.raises(ValueError, match=message):
+    mnist5k.get_config(arg)
+
+
+def test_inconsistent_config_is_rejected():
+  config = mnist5k.get_config('plain')
+  config.pgd.steps = 10
+  with pytest.raises(ValueError, match='plain uses no noise and no PGD'):
+    train.validate_config(config)
+  config = mnist5k.get_config('acet')
+  config.pgd.steps = 0
+  with pytest.raises(ValueError, match='acet needs pgd.steps'):
+    train.validate_config(config)
+
+
+def test_binary_rejects_unknown_config_argument_with_a_message():
+  result = subprocess.run(
+      [sys.executable, '-m', 'acet_tf.train', '--config=configs/mnist5k.py:acte',
+       '--workdir=/tmp/never_written'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert 'Unknown config argument' in result.stderr
+  assert not os.path.exists('/tmp/never_written')

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from acet_tf import attacks
 from acet_tf import batch_random
+from acet_tf import metrics
 from acet_tf import noise as noise_lib
 
 # Streams of the evaluation seed, so each generated set is reproducible on its own. Evaluation
@@ -133,10 +134,10 @@ def evaluate_during_training(model, config, test_dataset):
       seed=eval_seed(config.seed, ADV_NOISE_STREAM), name='adversarial noise'))
   adv_pred = predict_batches(predict, adv)
   scalars = {
-      'test/error': float(np.mean(test.predicted != test.labels)),
-      'test/mmc': float(np.mean(test.confidence)),
-      'noise/mmc': float(np.mean(noise_pred.confidence)),
-      'adv_noise/mmc': float(np.mean(adv_pred.confidence)),
+      'test/error': metrics.error_rate(test.predicted, test.labels),
+      'test/mmc': metrics.mean_max_confidence(test.confidence),
+      'noise/mmc': metrics.mean_max_confidence(noise_pred.confidence),
+      'adv_noise/mmc': metrics.mean_max_confidence(adv_pred.confidence),
   }
   n = config.num_summary_images
   images = {'noise': noise[0][0][:n].numpy(), 'adv_noise': adv[0][0][:n].numpy()}

@@ -49,16 +49,20 @@ def create_optimizer(config, total_steps):
   return optimizer
 
 
-def out_batch(model, config, images, step):
+def image_noise(config):
+  """The paper's p_out for images: noise_fn(images, seed) -> noise of the same shape."""
+  return lambda images, seed: noise_lib.make_noise(images, seed, config.noise)
+
+
+def out_batch(model, config, images, step, noise_fn):
   """The out-distribution half of the batch: noise (CEDA) or adversarial noise (ACET).
 
-  Returns float32 [N, H, W, C] in [0, 1], N = ceil(noise.ratio * B), or None for plain.
+  Returns float32 [N, ...] in [0, 1], N = ceil(noise.ratio * B), or None for plain.
   """
   if config.noise.ratio == 0:
     return None
   num_noise = math.ceil(config.noise.ratio * images.shape[0])
-  noise = noise_lib.make_noise(
-      images[:num_noise], batch_random.step_seed(config.seed, step, NOISE_STREAM), config.noise)
+  noise = noise_fn(images[:num_noise], batch_random.step_seed(config.seed, step, NOISE_STREAM))
   if config.pgd.steps == 0:
     return noise
   return attacks.pgd(
@@ -68,14 +72,19 @@ def out_batch(model, config, images, step):
       random_start=config.pgd.random_start)[0]
 
 
-def make_replica_step(model, optimizer, config):
-  """One optimisation step on one replica's batch; returns the per-replica METRIC_SUMS."""
+def make_replica_step(model, optimizer, config, noise_fn=None):
+  """One optimisation step on one replica's batch; returns the per-replica METRIC_SUMS.
+
+  noise_fn(images, seed) -> noise draws the out-distribution; default the paper's image noise
+  (tools/toy2d.py passes uniform noise in the 2-D box).
+  """
+  noise_fn = noise_fn or image_noise(config)
 
   def replica_step(images, labels):
     ctx = tf.distribute.get_replica_context()
     step = optimizer.iterations
     n_in = images.shape[0]
-    out = out_batch(model, config, images, step)
+    out = out_batch(model, config, images, step, noise_fn)
     inputs = images if out is None else tf.concat([images, out], axis=0)
     n_out = 0 if out is None else out.shape[0]
     global_count = (n_in + n_out) * ctx.num_replicas_in_sync
@@ -112,7 +121,7 @@ def make_replica_step(model, optimizer, config):
   return replica_step
 
 
-def make_train_function(model, optimizer, config, strategy):
+def make_train_function(model, optimizer, config, strategy, noise_fn=None):
   """Returns train_steps(iterator, num_steps) -> (sums, bad_step), one compiled call.
 
   Runs up to `num_steps` steps in one tf.function call (hides per-call dispatch) and returns the
@@ -120,7 +129,7 @@ def make_train_function(model, optimizer, config, strategy):
   loop stops there and `bad_step` holds that step's index (else -1); that step has already
   updated the weights, so the caller must not save them.
   """
-  replica_step = make_replica_step(model, optimizer, config)
+  replica_step = make_replica_step(model, optimizer, config, noise_fn)
 
   @tf.function
   def train_steps(iterator, num_steps):

@@ -165,6 +165,18 @@ def _to_float(image, label):
   return tf.cast(image, tf.float32) / 255.0, label
 
 
+def _count_readable(ds, name, split, data_dir):
+  """Reads all of `ds` once; raises DatasetUnavailableError naming the dataset if it fails."""
+  try:
+    return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  except tf.errors.OpError as e:  # A corrupt or truncated file, a record of another shape, ...
+    where = f' in {data_dir}' if data_dir else ''
+    raise DatasetUnavailableError(
+        f"dataset '{name}' split '{split}'{where} cannot be read: {type(e).__name__}: "
+        f'{e.message.splitlines()[0] if e.message else e}. Rebuild it (tfds build {name}) or '
+        'point --config.data_dir at a good copy.') from e
+
+
 # ------------------------------------------------------------------------------------------------
 # Public API.
 # ------------------------------------------------------------------------------------------------
@@ -191,6 +203,29 @@ def get_info(name, data_dir=None):
       num_train_examples=_split_size(builder, name, 'train', data_dir),
       num_test_examples=_split_size(builder, name, 'test', data_dir),
       class_names=tuple(label.names))
+
+
+def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None):
+  """Reads the first `max_examples` examples of a split (all if None), e.g. before training.
+
+  Returns:
+    The number of examples read, > 0.
+
+  Raises:
+    DatasetUnavailableError: a record cannot be read (the message names the dataset and split).
+    ValueError: the split is empty, or its images are not of shape `image_shape` (H, W, C).
+  """
+  ds = _load_uint8(name, split, data_dir)
+  shape = tuple(ds.element_spec[0].shape)
+  if shape != tuple(image_shape):
+    raise ValueError(f"dataset '{name}' split '{split}' has images of shape {shape}, expected "
+                     f'{tuple(image_shape)}.')
+  if max_examples is not None:
+    ds = ds.take(max_examples)
+  count = _count_readable(ds, name, split, data_dir)
+  if count == 0:
+    raise ValueError(f"dataset '{name}' split '{split}' is empty.")
+  return count
 
 
 def load_split(name, split, data_dir=None):
@@ -267,7 +302,7 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
   # uint8 in memory (4x smaller than float). Fill the cache here: each epoch stops after whole
   # steps, and a cache left partly read is thrown away, which would decode the split every epoch.
   data = data.cache()
-  count = int(data.reduce(np.int64(0), lambda n, _: n + 1))
+  count = _count_readable(data, info.name, 'train', config.data_dir)
   if count != info.num_train_examples:
     raise ValueError(f"dataset '{info.name}' has {count} training examples, info says "
                      f'{info.num_train_examples}; was info made with another data_dir?')

@@ -6,14 +6,12 @@
 """
 import json
 import os
-import signal
 import time
 
 from absl import app
 from absl import flags
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
 from acet_tf import distribution
@@ -141,30 +139,6 @@ def write_json(path, data):
 # ----------------------------------------------------------------------------------------------
 
 
-class _Preemption:
-  """Remembers a SIGTERM so the loop can checkpoint and stop between calls."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. some test runners): no handler.
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM: saving a checkpoint and stopping after the current step.')
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def total_train_steps(config, info):
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
@@ -208,47 +182,89 @@ def restore_model(workdir, config=None):
   return model, config, info, int(optimizer.iterations.numpy())
 
 
+def check_model_fits_data(config, info, model):
+  """Raises ValueError naming the dataset and both shapes if `model` cannot take its images."""
+  if tuple(model.input_shape[1:]) != tuple(info.image_shape):
+    raise ValueError(f'Dataset {config.dataset} has images of shape {tuple(info.image_shape)} '
+                     f'but model {config.model} takes {tuple(model.input_shape[1:])}.')
+
+
+def restore_checkpoint(checkpoint, path, config, info):
+  """Restores `path` into `checkpoint`, explaining a mismatch in terms of the config."""
+  try:
+    checkpoint.restore(path).assert_existing_objects_matched()
+  except (AssertionError, ValueError) as e:
+    raise ValueError(
+        f'Checkpoint {path} does not fit model {config.model} for dataset {config.dataset} '
+        f'(images {tuple(info.image_shape)}, {info.num_classes} classes): {e}') from e
+
+
+def train_iterator(config, info, strategy, start_step):
+  """The distributed training batches from `start_step` on, sharded over the input pipelines.
+
+  Each replica gets images float32 [B / replicas, H, W, C] in [0, 1] and labels int32. On one
+  worker, replica r gets the r-th slice of the single-device global batch, so the update equals
+  the single-device one; several workers each read a disjoint shard of every epoch.
+  Reads the whole train split into memory first: an unreadable split fails here, before step one.
+  """
+  dataset = strategy.distribute_datasets_from_function(
+      lambda ctx: input_pipeline.train_dataset(config, info, start_step=start_step,
+                                               input_context=ctx))
+  return iter(dataset)
+
+
 def train_and_evaluate(config, workdir):
   """Trains per `config`, checkpointing to and resuming from `workdir`.
 
   Resume order: the latest checkpoint in workdir/checkpoints (model, optimizer state and step;
-  the learning rate and data position follow from the step), else a fresh start.
+  the learning rate and data position follow from the step), else a fresh start. Every worker
+  restores from there; only the chief writes into workdir.
+
+  Everything that can be checked is checked before the first step: the config, the dataset
+  (readable, image shape = model input), the checkpoint (fits the model; the same on every worker).
+  A SIGTERM (on any worker) saves a checkpoint and exits with code 143; rerunning the same command
+  continues to exactly the configured number of steps. A non-finite loss or gradient raises
+  FloatingPointError naming the step, without saving.
 
   Returns:
-    The final metrics (also in workdir/final_metrics.json): step, test/error, test/mmc,
-    noise/mmc, adv_noise/mmc and the last train/ window.
+    The final metrics (the chief also writes them to workdir/final_metrics.json): step,
+    test/error, test/mmc, noise/mmc, adv_noise/mmc and the last train/ window. Other workers of
+    a multi-worker run skip the evaluation and return step and train/ metrics only.
   """
   validate_config(config)
+  # Before anything else runs TF: multi_worker configures collective ops at startup.
   strategy = distribution.create_strategy(config.strategy, config.tpu_address)
   if config.batch_size % strategy.num_replicas_in_sync:
     raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
                      f'{strategy.num_replicas_in_sync} replicas.')
   chief = distribution.is_chief(strategy)
   data_dir = config.data_dir or None
-  info = input_pipeline.get_info(config.dataset, data_dir)
+  info = input_pipeline.get_info(config.dataset, data_dir)  # Fails fast if unavailable.
   total_steps, steps_per_epoch = total_train_steps(config, info)
+  # The initial weights follow config.seed, so a rerun from scratch repeats the run exactly.
+  keras.utils.set_random_seed(config.seed)
   model, optimizer, checkpoint = build_model_and_optimizer(config, info, total_steps, strategy)
-  if model.input_shape[1:] != tuple(info.image_shape):
-    raise ValueError(f'Dataset {config.dataset} has images of shape {info.image_shape} but '
-                     f'model {config.model} takes {model.input_shape[1:]}.')
+  check_model_fits_data(config, info, model)
+  if chief:  # Only the chief evaluates; a bad test split would fail the first evaluation.
+    input_pipeline.check_readable(config.dataset, 'test', info.image_shape, data_dir=data_dir,
+                                  max_examples=config.eval.max_examples)
 
   tf.io.gfile.makedirs(workdir)
   check_resumable(config, workdir)
-  manager = tf.train.CheckpointManager(
-      checkpoint, os.path.join(workdir, 'checkpoints'), max_to_keep=config.max_checkpoints)
-  if manager.latest_checkpoint:
-    checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    logging.info('Resumed from %s.', manager.latest_checkpoint)
+  checkpoints = distribution.WorkerCheckpoints(
+      strategy, checkpoint, os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
+  latest = checkpoints.latest
+  if latest:
+    restore_checkpoint(checkpoint, latest, config, info)
+    logging.info('Resumed from %s.', latest)
   start_step = int(optimizer.iterations.numpy())
+  distribution.check_same_on_all_workers(strategy, start_step, 'the step to resume from')
   if chief:
     write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
   writer = (tf.summary.create_file_writer(workdir) if chief
             else tf.summary.create_noop_writer())
 
-  dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: input_pipeline.train_dataset(config, info, start_step=start_step,
-                                               input_context=ctx))
-  iterator = iter(dataset)
+  iterator = train_iterator(config, info, strategy, start_step)
   train_steps = train_step.make_train_function(model, optimizer, config, strategy)
   test_dataset = input_pipeline.eval_dataset(
       config.dataset, 'test', config.eval.batch_size, data_dir=data_dir,
@@ -269,7 +285,7 @@ def train_and_evaluate(config, workdir):
   step, train_metrics = start_step, {}
   window = dict.fromkeys(train_step.METRIC_SUMS + ('steps',), 0.0)
   t_start, t_window = time.time(), time.time()
-  with _Preemption() as preemption:
+  with distribution.preemption(strategy, checkpoints) as preemption:
     while step < total_steps:
       boundaries = [total_steps, step + config.steps_per_call]
       for every in (config.log_every_steps, config.checkpoint_every_steps,
@@ -279,8 +295,9 @@ def train_and_evaluate(config, workdir):
       sums, bad_step = train_steps(iterator, tf.constant(num))
       if int(bad_step) >= 0:
         raise FloatingPointError(
-            f'Non-finite loss at step {int(bad_step)}; stopped without saving. The last good '
-            f'checkpoint is {manager.latest_checkpoint}. Lower the learning rate or check the data.')
+            f'Non-finite loss or gradient at step {int(bad_step)}; stopped without saving. The '
+            f'last good checkpoint is {checkpoints.latest or "none (no checkpoint yet)"}. Lower '
+            'the learning rate or check the data.')
       step += num
       for k, v in sums.items():
         window[k] += float(v)
@@ -303,18 +320,16 @@ def train_and_evaluate(config, workdir):
             format_duration((total_steps - step) / max(rate, 1e-9)))
         window = dict.fromkeys(window, 0.0)
         t_window = time.time()
-      if step % config.checkpoint_every_steps == 0 or step == total_steps or (
-          preemption.requested):
-        manager.save(checkpoint_number=step)
-      if preemption.requested:
-        logging.warning('Stopped at step %d after SIGTERM; rerun the same command to resume.',
-                        step)
-        raise SystemExit(143)
-      if step % config.eval.every_steps == 0 and step < total_steps:
+      # Saves and exits (code 143) if a SIGTERM came; all workers of a cluster at the same step.
+      preemption.after_call(step)
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        checkpoints.save(step)
+      if chief and step % config.eval.every_steps == 0 and step < total_steps:
         run_eval(step)
 
   final = {'step': step}
-  final.update(run_eval(step))
+  if chief:
+    final.update(run_eval(step))
   final.update(train_metrics)
   final['wall_time_s'] = time.time() - t_start
   if chief:

@@ -272,10 +272,11 @@ def train_and_evaluate(config, workdir):
 
   def run_eval(step):
     scalars, images = evaluation.evaluate_during_training(model, config, test_dataset)
-    write_scalars(writer, step, {f'eval/{k}': v for k, v in scalars.items()})
+    # Named like the keys of final_metrics.json: test/error, noise/mmc, adv_noise/mmc, ...
+    write_scalars(writer, step, scalars)
     with writer.as_default(step=step):
       for name, batch in images.items():
-        tf.summary.image(f'eval/{name}', batch, max_outputs=config.num_summary_images)
+        tf.summary.image(f'{name}/images', batch, max_outputs=config.num_summary_images)
     logging.info('Eval at step %d: %s', step,
                  ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
     return scalars

@@ -36,6 +36,12 @@ def test_mnist5k_runlocal_end_to_end(tmp_path, method):
       f'-{config.num_train_steps}')
   events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
   assert events, 'no TensorBoard summaries written'
+  tags = {v.tag for f in events
+          for e in tf.compat.v1.train.summary_iterator(str(tmp_path / f)) for v in e.summary.value}
+  # Summaries are named like the keys of final_metrics.json.
+  for tag in ('train/loss', 'train/error', 'train/learning_rate', 'test/error', 'test/mmc',
+              'noise/mmc', 'adv_noise/mmc', 'noise/images', 'adv_noise/images'):
+    assert tag in tags, tag
   if method != 'plain':
     assert 'train/loss_out' in final and 'train/mmc_out' in final
 

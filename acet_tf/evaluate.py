@@ -36,6 +36,7 @@ from acet_tf import metrics
 from acet_tf import out_datasets
 from acet_tf import plots
 from acet_tf import scaling
+from acet_tf import serving_layout
 from acet_tf import train
 from configs import common
 
@@ -195,11 +196,7 @@ class SavedModelClassifier:
 
   def __init__(self, path):
     if not tf.io.gfile.exists(os.path.join(path, 'saved_model.pb')):
-      versions = sorted(
-          int(name.strip('/')) for name in (tf.io.gfile.listdir(path)
-                                            if tf.io.gfile.isdir(path) else [])
-          if name.strip('/').isdigit() and tf.io.gfile.exists(
-              os.path.join(path, name.strip('/'), 'saved_model.pb')))
+      versions = serving_layout.list_versions(path)
       if not versions:
         raise FileNotFoundError(f'No saved_model.pb in {path} nor in an integer version '
                                 'directory below it.')

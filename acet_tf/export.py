@@ -19,7 +19,6 @@ training config and final metrics) is the asset assets/metadata.json.
 import datetime
 import json
 import os
-import re
 import tempfile
 
 from absl import app
@@ -33,6 +32,7 @@ from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
 from acet_tf import metrics
+from acet_tf import serving_layout
 from acet_tf import train
 
 METADATA_FILENAME = 'metadata.json'
@@ -129,9 +129,7 @@ class AbstainingClassifier(tf.Module):
 def _next_version(export_dir, version):
   """`version` checked to be new, or one more than the largest integer directory."""
   if version is None:
-    existing = [int(n.rstrip('/')) for n in (tf.io.gfile.listdir(export_dir)
-                                             if tf.io.gfile.isdir(export_dir) else [])
-                if re.fullmatch(r'\d+', n.rstrip('/'))]
+    existing = serving_layout.list_versions(export_dir, complete_only=False)
     return max(existing, default=0) + 1
   if not isinstance(version, int) or isinstance(version, bool) or version < 1:
     raise ValueError(f'version must be a positive integer, got {version!r}.')

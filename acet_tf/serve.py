@@ -20,7 +20,6 @@ app, usable in-process) and serve (runs a WSGI app until a signal).
 import dataclasses
 import json
 import os
-import re
 import signal
 import threading
 
@@ -30,6 +29,7 @@ from absl import logging
 from google.protobuf import json_format
 import numpy as np
 import tensorflow as tf
+from acet_tf import serving_layout
 from werkzeug import exceptions
 from werkzeug import routing
 from werkzeug import serving
@@ -53,19 +53,6 @@ class RequestError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # The loaded model.
 # ----------------------------------------------------------------------------------------------
-
-
-def list_versions(export_dir):
-  """The integer version directories below `export_dir` that hold a saved_model.pb, ascending."""
-  if not tf.io.gfile.isdir(export_dir):
-    return []
-  versions = []
-  for name in tf.io.gfile.listdir(export_dir):
-    name = name.rstrip('/')
-    if re.fullmatch(r'\d+', name) and tf.io.gfile.exists(
-        os.path.join(export_dir, name, 'saved_model.pb')):
-      versions.append(int(name))
-  return sorted(versions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +80,7 @@ class ServedModel:
     Raises FileNotFoundError if there is no such version, ValueError for a bad threshold or an
     export without acet_tf metadata.
     """
-    versions = list_versions(export_dir)
+    versions = serving_layout.list_versions(export_dir)
     if not versions:
       raise FileNotFoundError(f'No version directory with a saved_model.pb in {export_dir}.')
     if version is not None and version not in versions:

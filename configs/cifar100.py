@@ -8,11 +8,4 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, runlocal=False, model='preact_resnet')
-  c = common.base_config(a.method)
-  c.dataset = 'cifar100'
-  c.model = a.model
-  c.augment.flip = True
-  if a.runlocal:
-    common.runlocal(c)
-  return c
+  return common.resnet_config(arg, dataset='cifar100', flip=True)

@@ -117,6 +117,22 @@ def base_config(method):
   return c
 
 
+def resnet_config(arg, dataset, flip):
+  """The paper's SVHN/CIFAR recipe: a ResNet with SGD+momentum 0.1 (base_config's defaults).
+
+  `arg` accepts the method, `runlocal` and `model=resnet18` (default: the reference's small
+  pre-activation ResNet). `flip` turns on the horizontal flip (CIFAR only).
+  """
+  a = parse_arg(arg, runlocal=False, model='preact_resnet')
+  c = base_config(a.method)
+  c.dataset = dataset
+  c.model = a.model
+  c.augment.flip = flip
+  if a.runlocal:
+    runlocal(c)
+  return c
+
+
 def runlocal(c):
   """Shrinks `c` in place to a smoke run of seconds on a CPU."""
   c.num_train_steps = 6

@@ -5,9 +5,17 @@ each pixel's colour vector; the rest are uniform in [0, 1]. Then a Gaussian blur
 sigma ~ U[sigma_min, sigma_max] (the reference drew one sigma per batch), a kernel_size x
 kernel_size kernel normalised to 1, symmetric padding, and a per-image min-max rescale to [0, 1].
 """
+import ml_collections
 import tensorflow as tf
 
 from acet_tf import batch_random
+
+
+def paper_noise_config():
+  """The paper's p_out settings (docs/recipe.md): what configs/common.py trains with, and what
+  evaluation draws when it has no run config (an export without metadata)."""
+  return ml_collections.ConfigDict(dict(
+      permuted_fraction=0.5, sigma_min=1.0, sigma_max=2.5, kernel_size=15))
 
 
 def _reflect_band(n, kernel_size):

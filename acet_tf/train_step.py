@@ -15,6 +15,9 @@ from acet_tf import batch_random
 from acet_tf import losses
 from acet_tf import noise as noise_lib
 
+# The training methods of the paper; `config.method` is one of them.
+METHODS = ('plain', 'ceda', 'acet')
+
 # Streams of the per-step stateless seed.
 NOISE_STREAM, PGD_STREAM = 1, 2
 

@@ -5,7 +5,10 @@ Every config file exposes `get_config(arg)`. `arg` is a comma-separated list: th
 """
 import ml_collections
 
-METHODS = ('plain', 'ceda', 'acet')
+from acet_tf import noise
+from acet_tf import train_step
+
+METHODS = train_step.METHODS
 
 
 def parse_arg(arg, **defaults):
@@ -80,12 +83,10 @@ def base_config(method):
   c.weight_decay = 5e-4  # Times the sum of squared kernel weights, every method.
 
   # p_out: noise images (RECIPE.md "The out-distribution").
-  c.noise = ml_collections.ConfigDict()
+  # permuted_fraction: share built by permuting the pixels of training images; then a Gaussian
+  # blur with sigma ~ U[sigma_min, sigma_max] and a kernel_size x kernel_size kernel.
+  c.noise = noise.paper_noise_config()
   c.noise.ratio = 0.0 if method == 'plain' else 1.0  # lambda: noise images per clean image, in (0, 1].
-  c.noise.permuted_fraction = 0.5  # Share built by permuting the pixels of training images.
-  c.noise.sigma_min = 1.0
-  c.noise.sigma_max = 2.5
-  c.noise.kernel_size = 15
 
   # ACET's inner maximisation of the max log-confidence around each noise image.
   c.pgd = ml_collections.ConfigDict()

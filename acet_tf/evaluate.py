@@ -33,12 +33,12 @@ from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
 from acet_tf import metrics
+from acet_tf import noise as noise_lib
 from acet_tf import out_datasets
 from acet_tf import plots
+from acet_tf import runs
 from acet_tf import scaling
 from acet_tf import serving_layout
-from acet_tf import train
-from configs import common
 
 GENERATED_SETS = ('noise', 'adv_noise', 'adv_samples')
 TABLE2 = 'table2'
@@ -309,7 +309,7 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
     raise ValueError('settings.seed must be set (evaluate_run takes it from the run config).')
   start = time.time()
   # The p_out block is the same for every method of base_config (only its ratio differs).
-  noise_config = noise_config or common.base_config('ceda').noise
+  noise_config = noise_config or noise_lib.paper_noise_config()
   logits_fn = logits_fn or log_probabilities(predict_fn)
 
   def attack_model(images, training=False):  # The model interface of attack_batches.
@@ -607,7 +607,7 @@ def write_outputs(results, output_dir, *, confidences, titles, grid, class_names
 
   with tf.io.gfile.GFile(os.path.join(output_dir, 'table.md'), 'w') as f:
     f.write(format_table(results))
-  train.write_json(os.path.join(output_dir, 'results.json'), _json_safe(results))
+  runs.write_json(os.path.join(output_dir, 'results.json'), _json_safe(results))
 
   writer = tf.summary.create_file_writer(output_dir)
   with writer.as_default(step=int(step)):
@@ -639,14 +639,6 @@ def accepts_unbounded_inputs(predict_fn, image_shape):
   return True
 
 
-def _read_config(workdir):
-  path = os.path.join(workdir, 'config.json')
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f'No config.json in {workdir}: is it a training workdir?')
-  with tf.io.gfile.GFile(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, output_dir=None):
   """Evaluates the latest checkpoint of `workdir`, or the SavedModel `saved_model`.
 
@@ -663,7 +655,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
   """
   if not workdir and not saved_model:
     raise ValueError('Give a training --workdir, or --saved_model (or both).')
-  config = _read_config(workdir) if workdir else None
+  config = runs.read_config(workdir) if workdir else None
   if saved_model:
     classifier = SavedModelClassifier(saved_model)
     if config is None and 'config' in classifier.metadata:
@@ -684,7 +676,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
                    'attack_logits': 'logits output' if classifier.has_logits
                                     else 'log of the probabilities output'}
   else:
-    model, config, info, step = train.restore_model(workdir)
+    model, config, info, step = runs.restore_model(workdir)
     if dataset and dataset != config.dataset:
       raise ValueError(f'--dataset={dataset} but the run in {workdir} trained on {config.dataset}.')
     predict_fn, logits_fn = keras_model_fns(model)
@@ -695,7 +687,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
   if not output_dir:
     if not workdir:
       raise ValueError('--output_dir is required without --workdir (never write into an export).')
-    output_dir = os.path.join(workdir, 'eval')
+    output_dir = os.path.join(workdir, runs.EVAL)
   data_dir = settings.data_dir or (config.data_dir if config is not None else '')
   seed = settings.seed if settings.seed is not None else (
       int(config.seed) if config is not None else 0)
@@ -729,9 +721,8 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
 # Binary.
 # ------------------------------------------------------------------------------------------------
 
-# --workdir (the run to evaluate: latest checkpoint + config.json) is defined by acet_tf.train,
-# imported here for restore_model.
-FLAGS = flags.FLAGS
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The run to evaluate (its config.json and latest '
+                               'checkpoint); default output WORKDIR/eval.')
 _SAVED_MODEL = flags.DEFINE_string(
     'saved_model', None, 'Evaluate this SavedModel export instead of the checkpoint (a version '
     'directory, or an export directory whose newest version is used).')
@@ -760,7 +751,7 @@ _SEED = flags.DEFINE_integer('seed', None, 'Evaluation seed; default the run\'s 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not FLAGS.workdir and not _SAVED_MODEL.value:
+  if not _WORKDIR.value and not _SAVED_MODEL.value:
     raise app.UsageError('Give --workdir or --saved_model.')
   settings = Settings(
       sets=tuple(_SETS.value), max_examples=_MAX_EXAMPLES.value, batch_size=_BATCH_SIZE.value,
@@ -768,7 +759,7 @@ def main(argv):
       adv_samples_steps=_ADV_SAMPLES_STEPS.value, table2_examples=_TABLE2_EXAMPLES.value,
       strict=_STRICT.value, data_dir=_DATA_DIR.value,
       imagenet_minus_dir=_IMAGENET_MINUS_DIR.value, seed=_SEED.value)
-  results = evaluate_run(settings, workdir=FLAGS.workdir, saved_model=_SAVED_MODEL.value,
+  results = evaluate_run(settings, workdir=_WORKDIR.value, saved_model=_SAVED_MODEL.value,
                          dataset=_DATASET.value, output_dir=_OUTPUT_DIR.value)
   print(format_table(results))
 

@@ -32,8 +32,8 @@ from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
 from acet_tf import metrics
+from acet_tf import runs
 from acet_tf import serving_layout
-from acet_tf import train
 
 METADATA_FILENAME = 'metadata.json'
 SIGNATURES = ('serving_default', 'serving_uint8', 'with_threshold')
@@ -239,20 +239,13 @@ def demo_request(sets, per_kind):
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_json(path):
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    return json.load(f)
-
-
 def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.95,
                  num_examples=None, adv_noise_examples=None, demo_request_path=None,
                  demo_examples=5):
   """Exports the latest checkpoint of `workdir` to `export_dir/<version>`.
 
   Args:
-    workdir: a training run (train.restore_model reads it).
+    workdir: a run directory (runs.restore_model reads it).
     export_dir: base directory of the versions.
     version: positive int, or None for one more than the largest existing version.
     threshold: 'auto' (calibrated, see CALIBRATION_RULE) or a float in [0, 1].
@@ -268,7 +261,7 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
   """
   threshold = parse_threshold(threshold)
   version = _next_version(export_dir, version)  # Checked before the minutes of measuring.
-  model, config, info, step = train.restore_model(workdir)
+  model, config, info, step = runs.restore_model(workdir)
   num_examples = config.eval.max_examples if num_examples is None else num_examples
   adv_noise_examples = (config.eval.adv_noise_examples if adv_noise_examples is None
                         else adv_noise_examples)
@@ -312,7 +305,7 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
                   for name, (_, pred) in sets.items()},
       },
       'config': json.loads(config.to_json()),
-      'final_metrics': _read_json(os.path.join(workdir, 'final_metrics.json')),
+      'final_metrics': runs.read_json(workdir, runs.FINAL_METRICS, required=False),
       'versions': {'tensorflow': tf.__version__, 'keras': keras.__version__},
   }
 

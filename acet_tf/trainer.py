@@ -1,15 +1,11 @@
-"""Trains a plain, CEDA or ACET classifier; resumes by itself from its workdir.
-
-  python -m acet_tf.train --config=configs/mnist5k.py:acet --workdir=runs/mnist5k_acet
-
-`main` only parses flags; the work is `train_and_evaluate(config, workdir)`, which tests call.
+"""The training loop: `train_and_evaluate(config, workdir)` trains plain, CEDA or ACET per the config
+and resumes by itself from the workdir. The binary is acet_tf/train.py; this module reads no flags.
 """
+import dataclasses
 import json
 import os
 import time
 
-from absl import app
-from absl import flags
 from absl import logging
 import keras
 import tensorflow as tf
@@ -18,18 +14,8 @@ from acet_tf import distribution
 from acet_tf import evaluation
 from acet_tf import input_pipeline
 from acet_tf import models
+from acet_tf import runs
 from acet_tf import train_step
-from configs import common
-from ml_collections import config_flags
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file and argument.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries, metrics.')
-
-# Keys that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', 'eval',
-                     'num_summary_images', 'steps_per_call', 'strategy', 'tpu_address',
-                     'jit_compile', 'data_dir')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,7 +29,7 @@ def validate_config(config):
     if not ok:
       raise ValueError(f'Bad config: {message}')
 
-  check(config.method in common.METHODS, f'method must be one of {common.METHODS}, '
+  check(config.method in train_step.METHODS, f'method must be one of {train_step.METHODS}, '
         f'got {config.method!r}')
   check(bool(config.dataset), 'dataset is empty')
   check(config.model in models.MODEL_NAMES, f'model must be one of {models.MODEL_NAMES}, '
@@ -76,22 +62,6 @@ def validate_config(config):
     check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
   check(config.eval.every_steps > 0, f'eval.every_steps must be > 0, got '
         f'{config.eval.every_steps}')
-
-
-def check_resumable(config, workdir):
-  """Refuses to continue a run in `workdir` that was trained with other hyperparameters."""
-  path = os.path.join(workdir, 'config.json')
-  if not tf.io.gfile.exists(path):
-    return
-  with tf.io.gfile.GFile(path) as f:
-    saved = json.load(f)
-  current = json.loads(config.to_json())
-  changed = sorted(k for k in set(saved) | set(current)
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-  if changed:
-    raise ValueError(
-        f'{workdir} holds a run with a different config (keys {changed}); resuming it would mix '
-        f'two experiments. Use another --workdir, or delete {workdir} to start over.')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,13 +97,6 @@ def format_duration(seconds):
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def write_json(path, data):
-  tmp = path + '.tmp'
-  with tf.io.gfile.GFile(tmp, 'w') as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training.
 # ----------------------------------------------------------------------------------------------
@@ -160,26 +123,6 @@ def build_model_and_optimizer(config, info, total_steps, strategy):
     optimizer.build(model.trainable_variables)
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
   return model, optimizer, checkpoint
-
-
-def restore_model(workdir, config=None):
-  """Model of the latest checkpoint in `workdir`, with the config saved there (or `config`).
-
-  Returns (model, config, info, step). For evaluation and export.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  if config is None:
-    with tf.io.gfile.GFile(os.path.join(workdir, 'config.json')) as f:
-      config = ml_collections.ConfigDict(json.load(f))
-  info = input_pipeline.get_info(config.dataset, config.data_dir or None)
-  total_steps, _ = total_train_steps(config, info)
-  strategy = tf.distribute.get_strategy()
-  model, optimizer, checkpoint = build_model_and_optimizer(config, info, total_steps, strategy)
-  latest = tf.train.latest_checkpoint(os.path.join(workdir, 'checkpoints'))
-  if latest is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first.')
-  checkpoint.restore(latest).expect_partial()
-  return model, config, info, int(optimizer.iterations.numpy())
 
 
 def check_model_fits_data(config, info, model):
@@ -213,7 +156,37 @@ def train_iterator(config, info, strategy, start_step):
   return iter(dataset)
 
 
-def train_and_evaluate(config, workdir):
+@dataclasses.dataclass
+class HookContext:
+  """What a hook sees after a train call: the live model and optimizer, the run's workdir and
+  total steps, and the train/ metrics of the last logged window ({} before the first log)."""
+  model: keras.Model
+  optimizer: keras.optimizers.Optimizer
+  workdir: str
+  total_steps: int
+  train_metrics: dict
+
+
+def log_train_window(writer, window, step, start_step, total_steps, steps_per_epoch, optimizer,
+                     elapsed_window, elapsed_total):
+  """Writes the train/ scalars of a window of steps and logs one progress line; returns them."""
+  lr = optimizer.learning_rate
+  lr = float(lr.numpy()) if hasattr(lr, 'numpy') else float(lr)
+  metrics = window_metrics(window, lr)
+  metrics['train/images_per_second'] = window['count_in'] / max(elapsed_window, 1e-9)
+  write_scalars(writer, step, metrics)
+  rate = (step - start_step) / max(elapsed_total, 1e-9)
+  logging.info(
+      'step %d/%d epoch %.2f | loss %.4f err %.2f%% mmc_in %.3f%s | %.0f img/s | ETA %s',
+      step, total_steps, step / steps_per_epoch, metrics['train/loss'],
+      100 * metrics['train/error'], metrics['train/mmc_in'],
+      f" mmc_out {metrics['train/mmc_out']:.3f}" if 'train/mmc_out' in metrics else '',
+      metrics['train/images_per_second'],
+      format_duration((total_steps - step) / max(rate, 1e-9)))
+  return metrics
+
+
+def train_and_evaluate(config, workdir, *, hooks=()):
   """Trains per `config`, checkpointing to and resuming from `workdir`.
 
   Resume order: the latest checkpoint in workdir/checkpoints (model, optimizer state and step;
@@ -225,6 +198,10 @@ def train_and_evaluate(config, workdir):
   A SIGTERM (on any worker) saves a checkpoint and exits with code 143; rerunning the same command
   continues to exactly the configured number of steps. A non-finite loss or gradient raises
   FloatingPointError naming the step, without saving.
+
+  `hooks`: callables `hook(step, context)` run after every train call (context: HookContext), in
+  order, before the preemption check, the periodic checkpoint and the periodic evaluation of that
+  step. For progress reports, profiling, custom stopping and fault injection in tests.
 
   Returns:
     The final metrics (the chief also writes them to workdir/final_metrics.json): step,
@@ -250,9 +227,9 @@ def train_and_evaluate(config, workdir):
                                   max_examples=config.eval.max_examples)
 
   tf.io.gfile.makedirs(workdir)
-  check_resumable(config, workdir)
+  runs.check_resumable(config, workdir)
   checkpoints = distribution.WorkerCheckpoints(
-      strategy, checkpoint, os.path.join(workdir, 'checkpoints'), config.max_checkpoints)
+      strategy, checkpoint, runs.checkpoint_dir(workdir), config.max_checkpoints)
   latest = checkpoints.latest
   if latest:
     restore_checkpoint(checkpoint, latest, config, info)
@@ -260,7 +237,7 @@ def train_and_evaluate(config, workdir):
   start_step = int(optimizer.iterations.numpy())
   distribution.check_same_on_all_workers(strategy, start_step, 'the step to resume from')
   if chief:
-    write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+    runs.write_config(workdir, config)
   writer = (tf.summary.create_file_writer(workdir) if chief
             else tf.summary.create_noop_writer())
 
@@ -287,6 +264,9 @@ def train_and_evaluate(config, workdir):
   window = dict.fromkeys(train_step.METRIC_SUMS + ('steps',), 0.0)
   t_start, t_window = time.time(), time.time()
   with distribution.preemption(strategy, checkpoints) as preemption:
+    # The preemption check is the last hook: saves and exits (code 143) if a SIGTERM came, all
+    # workers of a cluster at the same step.
+    all_hooks = (*hooks, lambda step, _: preemption.after_call(step))
     while step < total_steps:
       boundaries = [total_steps, step + config.steps_per_call]
       for every in (config.log_every_steps, config.checkpoint_every_steps,
@@ -304,25 +284,14 @@ def train_and_evaluate(config, workdir):
         window[k] += float(v)
       window['steps'] += num
       if step % config.log_every_steps == 0 or step == total_steps:
-        lr = float(optimizer.learning_rate.numpy()) if hasattr(
-            optimizer.learning_rate, 'numpy') else float(optimizer.learning_rate)
-        train_metrics = window_metrics(window, lr)
-        elapsed = time.time() - t_window
-        train_metrics['train/images_per_second'] = window['count_in'] / max(elapsed, 1e-9)
-        write_scalars(writer, step, train_metrics)
-        rate = (step - start_step) / max(time.time() - t_start, 1e-9)
-        logging.info(
-            'step %d/%d epoch %.2f | loss %.4f err %.2f%% mmc_in %.3f%s | %.0f img/s | ETA %s',
-            step, total_steps, step / steps_per_epoch, train_metrics['train/loss'],
-            100 * train_metrics['train/error'], train_metrics['train/mmc_in'],
-            (f" mmc_out {train_metrics['train/mmc_out']:.3f}"
-             if 'train/mmc_out' in train_metrics else ''),
-            train_metrics['train/images_per_second'],
-            format_duration((total_steps - step) / max(rate, 1e-9)))
+        train_metrics = log_train_window(
+            writer, window, step, start_step, total_steps, steps_per_epoch, optimizer,
+            time.time() - t_window, time.time() - t_start)
         window = dict.fromkeys(window, 0.0)
         t_window = time.time()
-      # Saves and exits (code 143) if a SIGTERM came; all workers of a cluster at the same step.
-      preemption.after_call(step)
+      context = HookContext(model, optimizer, workdir, total_steps, train_metrics)
+      for hook in all_hooks:
+        hook(step, context)
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         checkpoints.save(step)
       if chief and step % config.eval.every_steps == 0 and step < total_steps:
@@ -334,18 +303,6 @@ def train_and_evaluate(config, workdir):
   final.update(train_metrics)
   final['wall_time_s'] = time.time() - t_start
   if chief:
-    write_json(os.path.join(workdir, 'final_metrics.json'), final)
+    runs.write_json(os.path.join(workdir, runs.FINAL_METRICS), final)
   logging.info('Final metrics: %s', json.dumps(final, sort_keys=True))
   return final
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError('--config and --workdir are required.')
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
-if __name__ == '__main__':
-  app.run(main)

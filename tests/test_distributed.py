@@ -18,9 +18,13 @@ import tensorflow as tf
 from acet_tf import distribution
 from acet_tf import input_pipeline
 from acet_tf import models
-from acet_tf import train
+from acet_tf import trainer
 from acet_tf import train_step
 from configs import mnist5k
+
+
+# Subprocesses, servers and whole training runs: the slow tier.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,10 +46,10 @@ CASES = [('plain', 'lenet', 'float32', 1e-5), ('acet', 'lenet', 'float32', 1e-5)
 def _three_steps(config, strategy, init):
   """Weights after 3 steps of the real model, optimizer, step and input stream on `strategy`."""
   info = input_pipeline.get_info(config.dataset)
-  model, optimizer, _ = train.build_model_and_optimizer(config, info, 100, strategy)
+  model, optimizer, _ = trainer.build_model_and_optimizer(config, info, 100, strategy)
   model.set_weights(init)
   steps = train_step.make_train_function(model, optimizer, config, strategy)
-  _, bad_step = steps(train.train_iterator(config, info, strategy, 0), tf.constant(3))
+  _, bad_step = steps(trainer.train_iterator(config, info, strategy, 0), tf.constant(3))
   assert int(bad_step) == -1 and int(optimizer.iterations.numpy()) == 3
   return model.get_weights()
 
@@ -109,35 +113,18 @@ def test_two_replicas_train_like_one_device(equivalence, method, model_name, dty
 # Runs acet_tf.train's main; saves the final weights to $TEST_WEIGHTS; with $TEST_SIGTERM_AFTER
 # set, sends itself SIGTERM once that many steps ran (a preemption notice at a known step).
 _WORKER = '''
-import os, signal
+import functools, os, signal
 import numpy as np
 from absl import app
 from acet_tf import train
 
-built = []
-build = train.build_model_and_optimizer
-def capture(*args):
-  built.append(build(*args))
-  return built[-1]
-train.build_model_and_optimizer = capture
-
 sigterm_after = int(os.environ.get('TEST_SIGTERM_AFTER', -1))
-make = train.train_step.make_train_function
-def make_with_sigterm(*args):
-  steps, done = make(*args), [0]
-  def wrapped(iterator, num):
-    out = steps(iterator, num)
-    done[0] += int(num)
-    if done[0] == sigterm_after:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return out
-  return wrapped
-train.train_step.make_train_function = make_with_sigterm
-
-def main(argv):
-  train.main(argv)
-  np.savez(os.environ['TEST_WEIGHTS'], *built[-1][0].get_weights())
-app.run(main)
+def test_hook(step, context):
+  if step == sigterm_after:
+    os.kill(os.getpid(), signal.SIGTERM)
+  if step == context.total_steps:
+    np.savez(os.environ['TEST_WEIGHTS'], *context.model.get_weights())
+app.run(functools.partial(train.main, hooks=[test_hook]))
 '''
 
 

@@ -16,8 +16,12 @@ import tensorflow as tf
 
 from acet_tf import distribution
 from acet_tf import input_pipeline
-from acet_tf import train
+from acet_tf import trainer
 from configs import mnist5k
+
+
+# Subprocesses, servers and whole training runs: the slow tier.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 12 steps of LeNet on mnist5k; the learning rate drops at steps 6, 9 and 10.
@@ -65,29 +69,18 @@ def _latest(workdir):
 def reference(tmp_path_factory):
   """The checkpoint directory of one uninterrupted run (keeps ckpt-4, 8 and 12)."""
   workdir = tmp_path_factory.mktemp('reference')
-  final = train.train_and_evaluate(_config(), str(workdir))
+  final = trainer.train_and_evaluate(_config(), str(workdir))
   assert final['step'] == 12
   return os.path.join(workdir, 'checkpoints')
 
 
-def _count_steps(monkeypatch, after_step=None, action=None):
-  """Wraps the train function: records the steps it runs; calls `action` once `after_step` ran."""
-  steps_run = []
-  make = train.train_step.make_train_function
-
-  def make_counting(*args):
-    steps = make(*args)
-
-    def wrapped(iterator, num):
-      out = steps(iterator, num)
-      steps_run.append(int(num))
-      if sum(steps_run) == after_step:
-        action()
-      return out
-    return wrapped
-
-  monkeypatch.setattr(train.train_step, 'make_train_function', make_counting)
-  return steps_run
+def _at_step(step, action):
+  """A trainer hook that calls `action()` once the train call ending at `step` returns."""
+  def hook(current, context):
+    del context
+    if current == step:
+      action()
+  return hook
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,23 +92,24 @@ def test_sigterm_saves_then_the_rerun_ends_like_an_uninterrupted_run(tmp_path, m
                                                                      reference):
   # On two replicas, through the whole trainer; the reference ran on one device.
   create = distribution.create_strategy
-  monkeypatch.setattr(train.distribution, 'create_strategy', lambda name, tpu_address: create(
+  monkeypatch.setattr(trainer.distribution, 'create_strategy', lambda name, tpu_address: create(
       name, tpu_address, cross_device_ops=tf.distribute.ReductionToOneDevice()))
   config = _config()
   config.strategy = 'mirrored'
   handler_before = signal.getsignal(signal.SIGTERM)
-  _count_steps(monkeypatch, after_step=5, action=lambda: os.kill(os.getpid(), signal.SIGTERM))
+  sigterm = _at_step(5, lambda: os.kill(os.getpid(), signal.SIGTERM))
   with pytest.raises(SystemExit) as stopped:
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path), hooks=[sigterm])
   assert stopped.value.code == distribution.EXIT_PREEMPTED == 143
   assert signal.getsignal(signal.SIGTERM) == handler_before  # The trainer's handler is gone.
   # Saved at step 5, between the periodic checkpoints 4 and 8.
   assert _latest(tmp_path).endswith('ckpt-5')
   assert not (tmp_path / 'final_metrics.json').exists()
 
-  steps_run = _count_steps(monkeypatch)
-  final = train.train_and_evaluate(config, str(tmp_path))
-  assert sum(steps_run) == 7 and final['step'] == 12
+  steps_run = []
+  final = trainer.train_and_evaluate(config, str(tmp_path),
+                                     hooks=[lambda step, _: steps_run.append(step)])
+  assert steps_run == list(range(6, 13)) and final['step'] == 12
   # Adam after 12 steps on 2 replicas vs 1 device: only the summation order differs.
   _assert_same_state(_latest(tmp_path), os.path.join(reference, 'ckpt-12'), atol=1e-5)
 
@@ -123,21 +117,13 @@ def test_sigterm_saves_then_the_rerun_ends_like_an_uninterrupted_run(tmp_path, m
 # Runs acet_tf.train's main and kills its own process with SIGKILL (kill -9: no handler, no
 # cleanup) right after step 7, between the checkpoints of steps 4 and 8.
 _KILLED_AFTER_STEP_7 = '''
-import os, signal
+import functools, os, signal
 from absl import app
 from acet_tf import train
-make, done = train.train_step.make_train_function, [0]
-def make_killed(*args):
-  steps = make(*args)
-  def wrapped(iterator, num):
-    out = steps(iterator, num)
-    done[0] += int(num)
-    if done[0] == 7:
-      os.kill(os.getpid(), signal.SIGKILL)
-    return out
-  return wrapped
-train.train_step.make_train_function = make_killed
-app.run(train.main)
+def kill_at_7(step, context):
+  if step == 7:
+    os.kill(os.getpid(), signal.SIGKILL)
+app.run(functools.partial(train.main, hooks=[kill_at_7]))
 '''
 
 
@@ -178,9 +164,9 @@ def test_nan_in_the_data_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     ds = stream(config, info, start_step=start_step, input_context=input_context)
     return ds.enumerate().map(poison)
 
-  monkeypatch.setattr(train.input_pipeline, 'train_dataset', poisoned)
+  monkeypatch.setattr(trainer.input_pipeline, 'train_dataset', poisoned)
   with pytest.raises(FloatingPointError, match=r'at step 5;.*last good checkpoint is .*ckpt-4'):
-    train.train_and_evaluate(_config(), str(tmp_path))
+    trainer.train_and_evaluate(_config(), str(tmp_path))
   assert _latest(tmp_path).endswith('ckpt-4')
   assert not (tmp_path / 'final_metrics.json').exists()
   # The kept checkpoint is the good state of step 4, not touched by the NaN.
@@ -189,31 +175,32 @@ def test_nan_in_the_data_stops_naming_the_step_and_keeps_the_last_good_checkpoin
 
 def test_images_of_another_shape_are_rejected_before_training(tmp_path, monkeypatch):
   get_info = input_pipeline.get_info
-  monkeypatch.setattr(train.input_pipeline, 'get_info', lambda name, data_dir=None: (
+  monkeypatch.setattr(trainer.input_pipeline, 'get_info', lambda name, data_dir=None: (
       dataclasses.replace(get_info(name, data_dir), image_shape=(32, 32, 1))))
-  steps_run = _count_steps(monkeypatch)
+  steps_run = []
   with pytest.raises(ValueError, match=r"dataset 'mnist5k' split 'test' has images of shape "
                                        r'\(28, 28, 1\), expected \(32, 32, 1\)'):
-    train.train_and_evaluate(_config(), str(tmp_path))
+    trainer.train_and_evaluate(_config(), str(tmp_path),
+                               hooks=[lambda step, _: steps_run.append(step)])
   assert steps_run == [] and not os.listdir(tmp_path)
 
 
 def test_a_model_or_checkpoint_for_other_images_is_rejected(reference):
   config = _config()
   info = input_pipeline.get_info('mnist5k')
-  model, _, _ = train.build_model_and_optimizer(
+  model, _, _ = trainer.build_model_and_optimizer(
       config, dataclasses.replace(info, image_shape=(32, 32, 3)), 12,
       tf.distribute.get_strategy())
   with pytest.raises(ValueError, match=r'Dataset mnist5k has images of shape \(28, 28, 1\) but '
                                        r'model lenet takes \(32, 32, 3\)'):
-    train.check_model_fits_data(config, info, model)
+    trainer.check_model_fits_data(config, info, model)
   # A workdir trained on 28x28 images does not restore into a model for 32x32 ones.
   other = dataclasses.replace(info, image_shape=(32, 32, 1))
-  _, _, checkpoint = train.build_model_and_optimizer(config, other, 12,
+  _, _, checkpoint = trainer.build_model_and_optimizer(config, other, 12,
                                                      tf.distribute.get_strategy())
   with pytest.raises(ValueError, match=r'ckpt-4 does not fit model lenet for dataset mnist5k '
                                        r'\(images \(32, 32, 1\), 10 classes\)'):
-    train.restore_checkpoint(checkpoint, os.path.join(reference, 'ckpt-4'), config, other)
+    trainer.restore_checkpoint(checkpoint, os.path.join(reference, 'ckpt-4'), config, other)
 
 
 def test_unreadable_dataset_is_rejected_before_training_naming_it(tmp_path, monkeypatch):
@@ -226,11 +213,12 @@ def test_unreadable_dataset_is_rejected_before_training_naming_it(tmp_path, monk
         tf.reshape(tf.io.decode_raw(record, tf.uint8)[:784], [28, 28, 1]), tf.constant(0)))
 
   monkeypatch.setattr(input_pipeline, '_load_uint8', load_corrupt)
-  steps_run = _count_steps(monkeypatch)
+  steps_run = []
   workdir = tmp_path / 'run'
   with pytest.raises(input_pipeline.DatasetUnavailableError,
                      match=r"dataset 'mnist5k' split 'test' cannot be read: DataLossError"):
-    train.train_and_evaluate(_config(), str(workdir))
+    trainer.train_and_evaluate(_config(), str(workdir),
+                               hooks=[lambda step, _: steps_run.append(step)])
   assert steps_run == [] and not workdir.exists()
   # The train split is read in full before the first step as well.
   with pytest.raises(input_pipeline.DatasetUnavailableError,

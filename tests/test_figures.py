@@ -1,5 +1,4 @@
 """tools/figures.py: noise and adversarial noise rows for models restored from workdirs."""
-import json
 import os
 
 import numpy as np
@@ -7,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from acet_tf import input_pipeline
-from acet_tf import train
+from acet_tf import runs
+from acet_tf import trainer
 from configs import mnist5k
 from tools import figures
 
@@ -22,11 +22,11 @@ def workdir(tmp_path_factory):
   config = mnist5k.get_config('plain,runlocal')
   info = input_pipeline.get_info(config.dataset)
   tf.keras.utils.set_random_seed(0)
-  _, _, checkpoint = train.build_model_and_optimizer(
+  _, _, checkpoint = trainer.build_model_and_optimizer(
       config, info, config.num_train_steps, tf.distribute.get_strategy())
   tf.train.CheckpointManager(checkpoint, os.path.join(path, 'checkpoints'),
                              max_to_keep=1).save(checkpoint_number=0)
-  train.write_json(os.path.join(path, 'config.json'), json.loads(config.to_json()))
+  runs.write_config(path, config)
   return path
 
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from acet_tf import train
+from acet_tf import trainer
 from configs import mnist
 from configs import mnist5k
 
@@ -20,10 +20,11 @@ def small(config):
   return config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['plain', 'ceda', 'acet'])
 def test_mnist5k_runlocal_end_to_end(tmp_path, method):
   config = small(mnist5k.get_config(f'{method},runlocal'))
-  final = train.train_and_evaluate(config, str(tmp_path))
+  final = trainer.train_and_evaluate(config, str(tmp_path))
   assert final['step'] == config.num_train_steps
   for key in ('test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'):
     assert 0 <= final[key] <= 1, key
@@ -46,57 +47,58 @@ def test_mnist5k_runlocal_end_to_end(tmp_path, method):
     assert 'train/loss_out' in final and 'train/mmc_out' in final
 
 
+@pytest.mark.slow
 def test_tfds_mock_data_end_to_end(tmp_path):
   config = small(mnist.get_config('acet,runlocal'))
   with tfds.testing.mock_data(num_examples=64):
-    final = train.train_and_evaluate(config, str(tmp_path))
+    final = trainer.train_and_evaluate(config, str(tmp_path))
   assert final['step'] == config.num_train_steps
   assert 0 <= final['adv_noise/mmc'] <= 1
 
 
-def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(tmp_path):
   config = small(mnist5k.get_config('plain,runlocal'))
   config.checkpoint_every_steps = 3
-  calls = []
-  original = train.train_step.make_train_function
 
-  def crash_after_step_3(*args):
-    fn = original(*args)
+  def crash_after_step_4(step, context):
+    del context
+    if step == 4:
+      raise KeyboardInterrupt('simulated crash between the checkpoints of steps 3 and 6')
 
-    def wrapped(iterator, num):
-      if sum(calls) >= 3:
-        raise KeyboardInterrupt('simulated crash after the step-3 checkpoint')
-      calls.append(int(num))
-      return fn(iterator, num)
-    return wrapped
-
-  monkeypatch.setattr(train.train_step, 'make_train_function', crash_after_step_3)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path), hooks=[crash_after_step_4])
   assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('-3')
-  monkeypatch.setattr(train.train_step, 'make_train_function', original)
-  resumed_calls = []
-
-  def count_steps(*args):
-    fn = original(*args)
-
-    def wrapped(iterator, num):
-      resumed_calls.append(int(num))
-      return fn(iterator, num)
-    return wrapped
-
-  monkeypatch.setattr(train.train_step, 'make_train_function', count_steps)
-  final = train.train_and_evaluate(config, str(tmp_path))
-  assert sum(resumed_calls) == config.num_train_steps - 3  # Only the missing steps ran.
+  resumed_steps = []
+  final = trainer.train_and_evaluate(config, str(tmp_path),
+                                     hooks=[lambda step, _: resumed_steps.append(step)])
+  # Only the missing steps ran: from the step-3 checkpoint to the end, one step per call.
+  assert resumed_steps == list(range(4, config.num_train_steps + 1))
   assert final['step'] == config.num_train_steps
 
 
+@pytest.mark.slow
+def test_hooks_see_every_call_with_the_live_model(tmp_path):
+  config = small(mnist5k.get_config('plain,runlocal'))
+  config.steps_per_call = 2
+  seen = []
+  trainer.train_and_evaluate(config, str(tmp_path), hooks=[
+      lambda step, ctx: seen.append((step, ctx.total_steps, int(ctx.optimizer.iterations.numpy()),
+                                     ctx.model.name))])
+  # The optimizer has taken exactly `step` steps when the hook runs; calls stop at log/eval
+  # boundaries (every 2 and 3 steps here) as well as every steps_per_call.
+  assert [s for s, *_ in seen] == [2, 3, 4, 6]
+  assert all(iters == step and total == 6 for step, total, iters, _ in seen)
+  assert {name for *_, name in seen} == {config.model}
+
+
+@pytest.mark.slow
 def test_refuses_to_resume_a_run_with_other_hyperparameters(tmp_path):
-  train.train_and_evaluate(small(mnist5k.get_config('plain,runlocal')), str(tmp_path))
+  trainer.train_and_evaluate(small(mnist5k.get_config('plain,runlocal')), str(tmp_path))
   config = small(mnist5k.get_config('plain,runlocal'))
   config.weight_decay = 1e-3
   with pytest.raises(ValueError, match=r"different config \(keys \['weight_decay'\]\)"):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 @pytest.mark.parametrize('arg, message', [
@@ -113,13 +115,14 @@ def test_inconsistent_config_is_rejected():
   config = mnist5k.get_config('plain')
   config.pgd.steps = 10
   with pytest.raises(ValueError, match='plain uses no noise and no PGD'):
-    train.validate_config(config)
+    trainer.validate_config(config)
   config = mnist5k.get_config('acet')
   config.pgd.steps = 0
   with pytest.raises(ValueError, match='acet needs pgd.steps'):
-    train.validate_config(config)
+    trainer.validate_config(config)
 
 
+@pytest.mark.slow
 def test_binary_rejects_unknown_config_argument_with_a_message():
   result = subprocess.run(
       [sys.executable, '-m', 'acet_tf.train', '--config=configs/mnist5k.py:acte',

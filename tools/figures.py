@@ -1,7 +1,7 @@
 """The paper's Figures 2 and 3: noise images and the adversarial noise PGD finds from them.
 
-  python tools/figures.py --workdir=runs/mnist5k_plain
-  python tools/figures.py --workdir=runs/mnist5k_plain,runs/mnist5k_ceda,runs/mnist5k_acet \
+  python -m tools.figures --workdir=runs/mnist5k_plain
+  python -m tools.figures --workdir=runs/mnist5k_plain,runs/mnist5k_ceda,runs/mnist5k_acet \
       --out=/tmp/adversarial_noise.png
 
 The noise comes from the test set exactly as in evaluation (evaluation.noise_batches: half permuted
@@ -12,12 +12,6 @@ adversarial noise found against that model and its prediction (one model: the pa
 plain, CEDA and ACET: Figure 3).
 """
 import os
-import sys
-
-if __package__ in (None, ''):  # Run as a script (python tools/figures.py): find acet_tf, configs.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 
 from absl import app
@@ -30,8 +24,7 @@ import tensorflow as tf
 from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
-from acet_tf import train
-# pylint: enable=g-import-not-at-top,wrong-import-position
+from acet_tf import runs
 
 @dataclasses.dataclass
 class ModelRow:
@@ -132,7 +125,7 @@ def make_figure(workdirs, out, *, num_images=8, eps=0.3, step_size=0.0075, steps
   """Restores the model of each workdir, attacks shared noise images, writes the figure.
 
   Args:
-    workdirs: training workdirs (train.restore_model reads their config and latest checkpoint),
+    workdirs: training workdirs (runs.restore_model reads their config and latest checkpoint),
       all trained on the same dataset.
     out: the PNG path (its directory is created).
     num_images: columns.
@@ -151,7 +144,7 @@ def make_figure(workdirs, out, *, num_images=8, eps=0.3, step_size=0.0075, steps
   for workdir in workdirs:
     if not tf.io.gfile.exists(os.path.join(workdir, 'config.json')):
       raise FileNotFoundError(f'{workdir} has no config.json: not a training workdir.')
-    model, config, info, step = train.restore_model(workdir)
+    model, config, info, step = runs.restore_model(workdir)
     if first is None:
       first = (config.dataset, info)
       noise, labels = noise_images(config, num_images)

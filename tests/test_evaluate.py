@@ -11,7 +11,6 @@ from unittest import mock
 
 from absl import flags
 from absl.testing import flagsaver
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,21 +21,14 @@ from acet_tf import input_pipeline
 from acet_tf import metrics
 from acet_tf import models
 from acet_tf import out_datasets
-from acet_tf import train
-from configs import mnist5k
+from acet_tf import runs
 
 MNIST_OUT = {'fmnist', 'emnist', 'gray_cifar10'}
 
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  """A tiny trained mnist5k run (6 steps of plain LeNet)."""
-  workdir = tmp_path_factory.mktemp('run')
-  config = mnist5k.get_config('plain,runlocal')
-  config.strategy = 'one_device'
-  config.eval.every_steps = 1000  # Only the final evaluation: keeps the fixture fast.
-  train.train_and_evaluate(config, str(workdir))
-  return str(workdir)
+def run_dir(plain_run):
+  return plain_run
 
 
 def _offline():
@@ -78,6 +70,7 @@ def _tags(event_dir):
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_binary_end_to_end_on_a_mnist5k_run(run_dir, binary_eval):
   out, printed, _ = binary_eval
   assert {'results.json', 'table.md', 'confidence_histograms.png', 'roc_curves.png',
@@ -95,7 +88,7 @@ def test_binary_end_to_end_on_a_mnist5k_run(run_dir, binary_eval):
   assert 'fpr95' in results['definitions'] and results['versions']['tensorflow'] == tf.__version__
 
   # The test-set numbers are the restored model's on the first 32 test images.
-  model, _, _, _ = train.restore_model(run_dir)
+  model, _, _, _ = runs.restore_model(run_dir)
   images, labels = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', 32)))
   probs = tf.nn.softmax(model(images, training=False)).numpy()
   assert results['test']['error'] == pytest.approx(np.mean(probs.argmax(1) != labels.numpy()))
@@ -122,6 +115,7 @@ def test_binary_end_to_end_on_a_mnist5k_run(run_dir, binary_eval):
     assert tag in tags, tag
 
 
+@pytest.mark.slow
 def test_strict_makes_an_unavailable_set_an_error(run_dir, binary_eval, tmp_path):
   _, _, empty = binary_eval
   with _offline(), pytest.raises(input_pipeline.DatasetUnavailableError, match='--strict'):
@@ -143,11 +137,12 @@ def _save_classifier(model, path):
   tf.saved_model.save(module, path, signatures={'serving_default': serving_default})
 
 
+@pytest.mark.slow
 def test_saved_model_gives_the_checkpoint_numbers(run_dir, binary_eval, tmp_path):
   out, _, empty = binary_eval
   ckpt = json.loads((out / 'results.json').read_text())
   export_dir = tmp_path / 'export'
-  model, _, _, _ = train.restore_model(run_dir)
+  model, _, _, _ = runs.restore_model(run_dir)
   _save_classifier(model, str(export_dir / '1'))
   # The binary's settings (the seed defaults to the run's config.seed, 0).
   settings = evaluate.Settings(max_examples=32, batch_size=32, adv_noise_steps=3,
@@ -181,6 +176,7 @@ def test_saved_model_gives_the_checkpoint_numbers(run_dir, binary_eval, tmp_path
     evaluate.evaluate_run(settings, saved_model=str(export_dir), dataset='mnist5k')
 
 
+@pytest.mark.slow
 def test_mock_tfds_data_end_to_end(tmp_path):
   # mock_data leaves info.splits empty and draws labels uniformly: nothing may depend on either.
   with tfds.testing.mock_data(num_examples=20):

@@ -9,52 +9,14 @@ import pytest
 
 from acet_tf import evaluation
 from acet_tf import export
-from acet_tf import input_pipeline
 from acet_tf import metrics
-from acet_tf import train
 from configs import mnist5k
-
-_SHARED = {}
-
-
-def trained_run(tmp_path_factory):
-  """A runlocal mnist5k ACET run, exported once per session (test_serve.py reuses it).
-
-  Returns {'workdir', 'export_dir', 'path' (version 1), 'metadata', 'demo', 'model'}.
-  """
-  if not _SHARED:
-    base = tmp_path_factory.mktemp('export_run')
-    config = mnist5k.get_config('acet,runlocal')
-    config.strategy = 'one_device'
-    workdir, export_dir = str(base / 'run'), str(base / 'export')
-    train.train_and_evaluate(config, workdir)
-    path, metadata = export.export_model(workdir, export_dir, threshold='auto',
-                                         demo_request_path=str(base / 'demo.json'),
-                                         demo_examples=3)
-    model, _, _, _ = train.restore_model(workdir)
-    _SHARED.update(workdir=workdir, export_dir=export_dir, path=path, metadata=metadata,
-                   demo=str(base / 'demo.json'), model=model)
-  return _SHARED
-
-
-def keras_outputs(model, images, threshold):
-  """What the export should return, computed from the Keras model. images float32 in [0, 1]."""
-  probs = evaluation.make_predict_fn(model)(images).numpy()
-  conf = probs.max(axis=1)
-  return {'probabilities': probs, 'confidence': conf,
-          'predicted_class': probs.argmax(axis=1).astype(np.int32),
-          'accepted': conf >= threshold}
-
-
-def digits(n=32):
-  """float32 [n, 28, 28, 1] test digits in [0, 1] (exact multiples of 1/255), labels int32 [n]."""
-  images, labels = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', n, max_examples=n)))
-  return images.numpy(), labels.numpy()
-
+from tests.support import digits
+from tests.support import keras_outputs
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  return trained_run(tmp_path_factory)
+def run(exported_run):
+  return exported_run
 
 
 # A fresh interpreter: nothing of acet_tf or Keras is imported, only TensorFlow and the SavedModel.
@@ -95,6 +57,7 @@ print(json.dumps(result))
 '''
 
 
+@pytest.mark.slow
 def test_fresh_process_matches_keras_and_threshold_variable_works(run, tmp_path):
   model, threshold = run['model'], run['metadata']['threshold']['value']
   images, _ = digits()
@@ -129,6 +92,7 @@ def test_fresh_process_matches_keras_and_threshold_variable_works(run, tmp_path)
   assert 'images must be in [0, 1]' in result['bad_images']
 
 
+@pytest.mark.slow
 def test_saved_model_cli_lists_the_signatures(run):
   proc = subprocess.run(['saved_model_cli', 'show', '--all', '--dir', run['path']],
                         capture_output=True, text=True, timeout=300, check=False)
@@ -144,6 +108,7 @@ def test_saved_model_cli_lists_the_signatures(run):
   assert 'Method name is: tensorflow/serving/predict' in out
 
 
+@pytest.mark.slow
 def test_auto_threshold_is_the_calibration_rule_and_metadata_is_complete(run):
   metadata, model = run['metadata'], run['model']
   config = mnist5k.get_config('acet,runlocal')
@@ -172,6 +137,7 @@ def test_auto_threshold_is_the_calibration_rule_and_metadata_is_complete(run):
   assert sorted(os.listdir(run['export_dir'])) == ['1']
 
 
+@pytest.mark.slow
 def test_demo_request_holds_each_kind(run):
   with open(run['demo']) as f:
     demo = json.load(f)
@@ -186,6 +152,7 @@ def test_demo_request_holds_each_kind(run):
   assert demo['descriptions'][0] == f'test image, label {labels[0]}'
 
 
+@pytest.mark.slow
 def test_versions_and_fixed_threshold(run, tmp_path):
   export_dir = str(tmp_path / 'export')
   os.makedirs(os.path.join(export_dir, '4'))  # A version directory of someone else's.

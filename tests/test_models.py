@@ -1,4 +1,6 @@
 """Tests for acet_tf.models: shapes, exact parameter counts, batch norm modes, piecewise affinity."""
+import importlib
+
 import keras
 import numpy as np
 import pytest
@@ -6,18 +8,6 @@ import tensorflow as tf
 
 from acet_tf import models
 
-
-def _two_logical_cpus():
-  """Splits the CPU into two logical devices for MirroredStrategy; False if TF already started."""
-  cpus = tf.config.list_physical_devices('CPU')
-  try:
-    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-  except RuntimeError:  # Devices were initialised by an earlier test module; use what exists.
-    pass
-  return len(tf.config.list_logical_devices('CPU')) >= 2
-
-
-_HAS_TWO_CPUS = _two_logical_cpus()
 
 _SHAPES = {'lenet': (28, 28, 1), 'preact_resnet': (32, 32, 3), 'resnet18': (32, 32, 3)}
 
@@ -39,8 +29,14 @@ def _moving_stats(model):
           for v in (layer.moving_mean, layer.moving_variance)]
 
 
-def test_model_names_match_the_configs():
-  assert models.MODEL_NAMES == ('lenet', 'preact_resnet', 'resnet18')
+def test_every_config_names_a_known_model_and_every_model_has_a_config():
+  used = set()
+  for name, arg in [('mnist', 'plain'), ('mnist5k', 'plain'), ('svhn', 'plain'),
+                    ('cifar10', 'plain'), ('cifar100', 'plain'), ('cifar10', 'plain,model=resnet18')]:
+    model = importlib.import_module(f'configs.{name}').get_config(arg).model
+    assert model in models.MODEL_NAMES, (name, arg, model)
+    used.add(model)
+  assert used == set(models.MODEL_NAMES)
 
 
 @pytest.mark.parametrize('name', ['lenet', 'preact_resnet', 'resnet18'])
@@ -165,7 +161,6 @@ def test_logits_stay_float32_under_mixed_precision():
   assert logits.dtype == tf.float32
 
 
-@pytest.mark.skipif(not _HAS_TWO_CPUS, reason='needs two logical CPUs, set before TF starts')
 def test_mirrored_batchnorm_uses_global_batch():
   # Reduction through one device, not collectives: MirroredStrategies in one process reuse the same
   # collective instance keys, so ours would clash with other test modules' (tensorflow#62790).

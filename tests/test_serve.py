@@ -16,7 +16,11 @@ import pytest
 from werkzeug import test as werkzeug_test
 
 from acet_tf import serve
-from tests import test_export
+from tests import support
+
+
+# Subprocesses, servers and whole training runs: the slow tier.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = 'digits'
@@ -25,8 +29,8 @@ MAX_BATCH = 16
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  return test_export.trained_run(tmp_path_factory)
+def run(exported_run):
+  return exported_run
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +76,7 @@ def expected(run, images, threshold=None):
   if threshold is None:
     threshold = run['metadata']['threshold']['value']
   images = np.asarray(images, np.float32)
-  return test_export.keras_outputs(run['model'], images, threshold), threshold
+  return support.keras_outputs(run['model'], images, threshold), threshold
 
 
 def assert_matches(rows, want_and_threshold):
@@ -109,7 +113,7 @@ def test_status_and_metadata(run, server):
 
 def test_predict_row_columnar_uint8_and_version(run, server):
   _, url = server
-  images, _ = test_export.digits(6)
+  images, _ = support.digits(6)
   want = expected(run, images)
   status, reply = http(f'{url}/v1/models/{NAME}:predict', {'instances': images.tolist()})
   assert status == 200
@@ -135,7 +139,7 @@ def test_predict_row_columnar_uint8_and_version(run, server):
 
 def test_explicit_threshold_signature(run, server):
   _, url = server
-  images, _ = test_export.digits(8)
+  images, _ = support.digits(8)
   t = float(np.median(expected(run, images)[0]['confidence']))
   status, reply = http(f'{url}/v1/models/{NAME}:predict', {
       'signature_name': 'with_threshold', 'inputs': {'images': images.tolist(), 'threshold': t}})
@@ -146,7 +150,7 @@ def test_explicit_threshold_signature(run, server):
 
 
 def _digit_rows(n=1):
-  return test_export.digits(n)[0].tolist()
+  return support.digits(n)[0].tolist()
 
 
 BAD_REQUESTS = [
@@ -233,7 +237,7 @@ def test_wrong_method_and_garbage_bytes(server):
 
 def test_concurrent_requests_get_their_own_answers(run, server):
   _, url = server
-  images, _ = test_export.digits(24)
+  images, _ = support.digits(24)
   batches = [images[i:i + 3] for i in range(0, 24, 3)]  # 8 different requests.
 
   def send(batch):
@@ -274,7 +278,7 @@ def test_client_prints_decisions(run, server):
 def test_threshold_override_in_process(run):
   app = serve.create_app(run['export_dir'], NAME, threshold=0.0)
   client = werkzeug_test.Client(app)
-  images, _ = test_export.digits(4)
+  images, _ = support.digits(4)
   reply = client.post(f'/v1/models/{NAME}:predict', json={'instances': images.tolist()})
   assert reply.status_code == 200
   assert all(r['accepted'] for r in reply.get_json()['predictions'])

@@ -2,8 +2,8 @@
 
 Standard library only, so it runs anywhere:
 
-  python tools/client.py --model=mnist5k_acet --request=/tmp/demo.json
-  python tools/client.py --model=mnist5k_acet --uniform_noise=5
+  python -m tools.client --model=mnist5k_acet --request=/tmp/demo.json
+  python -m tools.client --model=mnist5k_acet --uniform_noise=5
 
 --request is a JSON file holding a :predict body ({"instances": ...} or {"inputs": ...}, optionally
 "signature_name") and optionally "descriptions", one string per image, printed beside the results

@@ -1,7 +1,7 @@
 """Two moons in [0, 1]^2: the paper's phenomenon in pictures (plain vs CEDA vs ACET).
 
-  python tools/toy2d.py --out=/tmp/toy2d
-  python tools/toy2d.py --out=/tmp/toy2d --options=steps=1000,seed=1   # quicker, rougher
+  python -m tools.toy2d --out=/tmp/toy2d
+  python -m tools.toy2d --out=/tmp/toy2d --options=steps=1000,seed=1   # quicker, rougher
 
 Trains a small ReLU MLP on two moons with the project's own train step, losses and PGD (only the
 out-distribution differs: uniform points in the box instead of noise images) and writes:
@@ -13,12 +13,6 @@ out-distribution differs: uniform points in the box instead of noise images) and
   rays.png             max softmax along alpha * x, alpha in [1, 1e4], for a few x in the box.
 """
 import os
-import sys
-
-if __package__ in (None, ''):  # Run as a script (python tools/toy2d.py): find acet_tf and configs.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -32,7 +26,6 @@ import tensorflow as tf
 from acet_tf import batch_random
 from acet_tf import train_step
 from configs import common
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 BOX = (0.0, 1.0)  # The input domain: data and noise live here, like images in [0, 1]^d.
 FAR = (-10.0, 10.0)  # The zoomed-out view.

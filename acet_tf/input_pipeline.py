@@ -34,6 +34,8 @@ class DatasetInfo:
   num_train_examples: int
   num_test_examples: int
   class_names: tuple[str, ...]
+  # False when the facts come from known_datasets because the data itself is not on this machine.
+  has_data: bool = True
 
 
 class DatasetUnavailableError(RuntimeError):

@@ -13,7 +13,7 @@ import re
 import ml_collections
 import tensorflow as tf
 
-from acet_tf import input_pipeline
+from acet_tf import known_datasets
 from acet_tf import models
 
 CONFIG = 'config.json'
@@ -97,11 +97,13 @@ def restore_model(workdir, config=None):
   """The model of the latest checkpoint in `workdir` (weights and batch-norm statistics only).
 
   Returns (model, config, info, step): config is the one saved in the run unless given; info the
-  dataset's DatasetInfo; step the checkpoint's. No optimizer is built; its slots are not read.
+  dataset's DatasetInfo (when the data is not on this machine, its recorded shape and classes with
+  info.has_data=False, logged: see known_datasets); step the checkpoint's. No optimizer is built;
+  its slots are not read.
   """
   if config is None:
     config = read_config(workdir)
-  info = input_pipeline.get_info(config.dataset, config.data_dir or None)
+  info = known_datasets.get_info(config.dataset, config.data_dir or None)
   model = models.create_model(config.model, info.image_shape, info.num_classes)
   latest = latest_checkpoint(workdir)
   try:

@@ -1,0 +1,93 @@
+"""Imports one of the authors' TF 1 checkpoints as an ordinary acet_tf run directory.
+
+  python -m acet_tf.import_reference --checkpoint=../shared/reference_models/cifar10_acet/model-100 \
+      --dataset=cifar10 --method=acet --workdir=runs/paper_cifar10_acet
+
+--dataset and --method may be left out when the checkpoint sits in the authors' layout
+('<run name>/models/<run name>-100'), whose run name carries them. Afterwards acet_tf.evaluate,
+acet_tf.export, acet_tf.serve and tools/figures.py work on --workdir as on a trained run.
+
+The run's config.json is the paper's config for that dataset and method: the binary reads the
+repository's config file for the dataset (configs/<file>.py:<method>) with the same parser as
+acet_tf.train's --config, so the imported run says exactly what `acet_tf.train` would have trained.
+(The library may not import configs/; a binary reading a config file by path, as train does, keeps
+that rule and needs no second copy of the recipe.) --config_file picks another file.
+"""
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections.config_flags import config_flags  # ConfigFileFlagParser: --config's parser.
+
+from acet_tf import reference_checkpoints
+
+# acet_tf dataset -> its config file under configs/.
+CONFIG_FILES = {'mnist': 'mnist.py', 'svhn_cropped': 'svhn.py', 'cifar10': 'cifar10.py',
+                'cifar100': 'cifar100.py'}
+METHODS = ('plain', 'ceda', 'acet')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, "The authors' checkpoint prefix, e.g. "
+                                  'DIR/model-100 (the files DIR/model-100.index and .data-*).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The new run directory.')
+_DATASET = flags.DEFINE_string('dataset', None, 'svhn_cropped (or svhn), cifar10, cifar100 or '
+                               'mnist; default: from the run name.')
+_METHOD = flags.DEFINE_enum('method', None, METHODS, 'plain, ceda or acet; default: from the run '
+                            'name.')
+_RUN_NAME = flags.DEFINE_string('run_name', None, "The authors' run name, if the path does not "
+                                'carry it (recorded in source.json; also gives dataset/method).')
+_CONFIG_FILE = flags.DEFINE_string('config_file', None, 'Config file to read instead of '
+                                   'configs/<dataset>.py (the method is appended as :<method>).')
+
+
+def resolve(checkpoint, dataset=None, method=None, run_name=None):
+  """(dataset, method, run name or None): the flags, else what the authors' run name says.
+
+  A flag that contradicts the run name is an error.
+  """
+  run_name = run_name or reference_checkpoints.run_name_of(checkpoint)
+  parsed = reference_checkpoints.parse_run_name(run_name) if run_name else None
+  if dataset is not None and dataset not in CONFIG_FILES:
+    dataset = reference_checkpoints.DATASETS.get(dataset, dataset)
+  for key, given in (('dataset', dataset), ('method', method)):
+    if parsed and given and parsed[key] != given:
+      raise ValueError(f'--{key}={given} but the run name {run_name!r} says {parsed[key]}.')
+  dataset = dataset or (parsed and parsed['dataset'])
+  method = method or (parsed and parsed['method'])
+  if not dataset or not method:
+    raise ValueError(f'{checkpoint} is not in a folder named like the authors\' runs: pass '
+                     '--dataset and --method (or --run_name).')
+  if dataset not in CONFIG_FILES:
+    raise ValueError(f'Unknown dataset {dataset!r}; known: {", ".join(CONFIG_FILES)}.')
+  return dataset, method, run_name
+
+
+def paper_config(dataset, method, config_file=None):
+  """The config `acet_tf.train --config=configs/<dataset file>.py:<method>` would use."""
+  path = config_file or os.path.join(_REPO, 'configs', CONFIG_FILES[dataset])
+  spec = f'{path}:{method}'
+  config = config_flags.ConfigFileFlagParser(name='config').parse(spec)
+  if config.dataset != dataset:
+    raise ValueError(f'{spec} is a config for {config.dataset!r}, not {dataset!r}.')
+  return config, spec
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not _CHECKPOINT.value or not _WORKDIR.value:
+    raise app.UsageError('--checkpoint and --workdir are required.')
+  dataset, method, run_name = resolve(_CHECKPOINT.value, _DATASET.value, _METHOD.value,
+                                      _RUN_NAME.value)
+  config, spec = paper_config(dataset, method, _CONFIG_FILE.value)
+  _, step, path = reference_checkpoints.import_checkpoint(
+      _CHECKPOINT.value, _WORKDIR.value, config, run_name=run_name,
+      config_source=os.path.relpath(spec, _REPO) if spec.startswith(_REPO) else spec)
+  logging.info('Imported %s (%s %s, step %d) to %s', _CHECKPOINT.value, dataset, method, step,
+               path)
+  print(f'Imported {_CHECKPOINT.value} as {dataset} {method} (step {step}): {path}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
+from acet_tf import known_datasets
 from acet_tf import metrics
 from acet_tf import noise as noise_lib
 from acet_tf import out_datasets
@@ -289,7 +290,10 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
     predict_fn: images float32 [B, H, W, C] in [0, 1] -> probabilities float32 [B, K].
     info: input_pipeline.DatasetInfo of the in-distribution set.
     test_batches: iterable of (images float32 [b, H, W, C] in [0, 1], labels int [b]) of the
-      in-distribution test set (capped at settings.max_examples).
+      in-distribution test set (capped at settings.max_examples); None when the data is not on
+      this machine: then there is no test row, no AUROC/FPR/AUPR, no adversarial samples, and the
+      noise sets are uniform noise only (the permuted half needs images), all said in
+      results['data_free'] and the table.
     settings: Settings. Its `sets` picks the generated sets and Table 2 (the out-datasets are the
       ones given in `out_sets`); settings.seed must be set.
     out_sets: {out-set key: iterable of image batches float32 [b, H, W, C] (or (images, labels))}.
@@ -343,30 +347,43 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
 
   # Test set: the positives of every detection metric.
   t = time.time()
-  test = [(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32))
-          for x, y in evaluation.take_examples(test_batches, cap)]
-  test_pred = evaluation.predict_batches(predict_fn, test)
-  in_conf = test_pred.confidence
-  results['test'] = {
-      'error': metrics.error_rate(test_pred.predicted, test_pred.labels),
-      'mmc': metrics.mean_max_confidence(in_conf), 'num_examples': int(in_conf.size)}
-  results['timing']['test'] = time.time() - t
-  confidences['test'] = in_conf
   n_grid = settings.num_grid_images
-  grid['test'] = (_concat_images(test, n_grid), test_pred.predicted[:n_grid],
-                  in_conf[:n_grid], test_pred.labels[:n_grid])
-  logging.info('test: %d images, error %.2f%%, MMC %.3f, %.1f s', in_conf.size,
-               100 * results['test']['error'], results['test']['mmc'], time.time() - t)
+  if test_batches is None:
+    test, in_conf, results['test'] = _data_free(results, skipped, generated, info, cap,
+                                                settings.batch_size)
+    noise_config = ml_collections.ConfigDict(dict(noise_config), type_safe=False)
+    noise_config.permuted_fraction = 0.0  # Nothing to permute: uniform start only.
+    results['noise_config'] = json.loads(noise_config.to_json())
+    generated = tuple(s for s in generated if s != 'adv_samples')
+  else:
+    test = [(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32))
+            for x, y in evaluation.take_examples(test_batches, cap)]
+    test_pred = evaluation.predict_batches(predict_fn, test)
+    in_conf = test_pred.confidence
+    results['test'] = {
+        'error': metrics.error_rate(test_pred.predicted, test_pred.labels),
+        'mmc': metrics.mean_max_confidence(in_conf), 'num_examples': int(in_conf.size)}
+    results['timing']['test'] = time.time() - t
+    confidences['test'] = in_conf
+    grid['test'] = (_concat_images(test, n_grid), test_pred.predicted[:n_grid],
+                    in_conf[:n_grid], test_pred.labels[:n_grid])
+    logging.info('test: %d images, error %.2f%%, MMC %.3f, %.1f s', in_conf.size,
+                 100 * results['test']['error'], results['test']['mmc'], time.time() - t)
 
   def add(key, conf, title, extra=None, seconds=0.0):
-    entry = dict(metrics.ood_metrics(in_conf, conf), num_examples=int(np.size(conf)))
+    if in_conf is None:  # No test-set confidences: MMC only, the rest absent (not invented).
+      entry = {'mmc': metrics.mean_max_confidence(conf), 'auroc': None, 'aupr_in': None,
+               'aupr_out': None, 'fpr95': None}
+    else:
+      entry = metrics.ood_metrics(in_conf, conf)
+    entry['num_examples'] = int(np.size(conf))
     entry.update(extra or {})
     entry.update(title=title, seconds=seconds)
     results['out_sets'][key] = entry
     confidences[key] = conf
     titles[key] = title
-    logging.info('%s: %d images, MMC %.3f, AUROC %.3f, FPR@95 %.3f, %.1f s', key,
-                 np.size(conf), entry['mmc'], entry['auroc'], entry['fpr95'], seconds)
+    logging.info('%s: %d images, MMC %.3f, AUROC %s, FPR@95 %s, %.1f s', key,
+                 np.size(conf), entry['mmc'], _fmt(entry['auroc']), _fmt(entry['fpr95']), seconds)
 
   for key, batches in (out_sets or {}).items():
     t = time.time()
@@ -381,7 +398,7 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
   if 'noise' in generated:
     t = time.time()
     pred = evaluation.predict_batches(predict_fn, noise)
-    add('noise', pred.confidence, SET_TITLES['noise'], seconds=time.time() - t)
+    add('noise', pred.confidence, _noise_title('noise', results), seconds=time.time() - t)
     grid['noise'] = (_concat_images(noise, n_grid), pred.predicted[:n_grid],
                      pred.confidence[:n_grid])
 
@@ -393,9 +410,10 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
         seed=evaluation.eval_seed(settings.seed, evaluation.ADV_NOISE_STREAM),
         restarts=settings.adv_noise_restarts, name='adv_noise'))
     pred = evaluation.predict_batches(predict_fn, adv)
-    add('adv_noise', pred.confidence, SET_TITLES['adv_noise'], seconds=time.time() - t, extra={
+    add('adv_noise', pred.confidence, _noise_title('adv_noise', results), seconds=time.time() - t,
+        extra={
         'eps': settings.adv_noise_eps, 'step_size': settings.adv_noise_step_size,
-        'steps': settings.adv_noise_steps, 'restarts': settings.adv_noise_restarts})
+            'steps': settings.adv_noise_steps, 'restarts': settings.adv_noise_restarts})
     grid['adv_noise'] = (_concat_images(adv, n_grid), pred.predicted[:n_grid],
                          pred.confidence[:n_grid])
 
@@ -449,6 +467,33 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
   return results
 
 
+UNIFORM_ONLY = 'uniform start only'
+
+
+def _data_free(results, skipped, generated, info, cap, batch_size):
+  """The evaluation's stand-ins when the in-distribution data is absent.
+
+  Records what is not run in results['data_free'] (and adv_samples in `skipped`). Returns
+  (source batches of zero images for the noise generator: as many as max_examples, else the test
+  set's recorded size; None for the test confidences; None for results['test']).
+  """
+  reason = (f'the {info.name} data is not on this machine (recorded shape and classes used, see '
+            'known_datasets)')
+  notes = {'test': f'not run: {reason}.',
+           'auroc': 'AUROC, FPR@95 and AUPR need the test-set confidences: absent, not computed.'}
+  if 'noise' in generated or 'adv_noise' in generated:
+    notes['noise'] = (f'{UNIFORM_ONLY}: the permuted half of the paper\'s noise permutes '
+                      f'{info.name} images; every noise image here is blurred uniform noise.')
+  if 'adv_samples' in generated:
+    skipped['adv_samples'] = f'needs the test set: {reason}.'
+  results['data_free'] = notes
+  logging.warning('No in-distribution data: %s', ' '.join(notes.values()))
+  n = int(min(cap, info.num_test_examples))
+  zeros = [(tf.zeros([min(batch_size, n - i), *info.image_shape], tf.float32),
+            tf.zeros([min(batch_size, n - i)], tf.int32)) for i in range(0, n, batch_size)]
+  return zeros, None, None
+
+
 # ------------------------------------------------------------------------------------------------
 # Outputs.
 # ------------------------------------------------------------------------------------------------
@@ -482,6 +527,12 @@ def _json_safe(value):
   return value
 
 
+def _noise_title(key, results):
+  if 'noise' in results.get('data_free', {}):
+    return f'{SET_TITLES[key]} ({UNIFORM_ONLY})'
+  return SET_TITLES[key]
+
+
 def _title(key):
   if key in out_datasets.OUT_SETS:
     return out_datasets.OUT_SETS[key].title
@@ -501,6 +552,9 @@ def format_table(results):
   model, test = results['model'], results['test']
   name = DATASET_TITLES.get(model['dataset'], model['dataset'])
   method = (model.get('method') or 'model').upper() if model.get('method') != 'plain' else 'Plain'
+  if test is None:  # Data-free: no test row (results['data_free'] says why).
+    test = {'error': None, 'mmc': None, 'num_examples': 0}
+  te = '–' if test['error'] is None else f"{100 * test['error']:.2f}%"
   lines = [
       f"# Evaluation: {method} {model.get('model', '')} on {name}".rstrip(),
       '',
@@ -509,10 +563,11 @@ def format_table(results):
       '',
       '## Table 1',
       '',
-      f"| Trained on {name} — {method} (TE: {100 * test['error']:.2f}%) | N | MMC | AUROC | "
+      f"| Trained on {name} — {method} (TE: {te}) | N | MMC | AUROC | "
       'FPR@95 | AUPR-in | AUPR-out |',
       '|---|---:|---:|---:|---:|---:|---:|',
-      f"| {name} (test) | {test['num_examples']} | {test['mmc']:.3f} | – | – | – | – |",
+      f"| {name} (test) | {test['num_examples'] or 'not run'} | {_fmt(test['mmc'])} | – | – | – "
+      '| – |',
   ]
   for key, e in results['out_sets'].items():
     title = e.get('title', key)
@@ -523,8 +578,12 @@ def format_table(results):
     lines.append(f"| {title} | {n} | {_fmt(e['mmc'])} | {_fmt(e['auroc'])} | {_fmt(e['fpr95'])} "
                  f"| {_fmt(e['aupr_in'])} | {_fmt(e['aupr_out'])} |")
   lines.append('')
-  lines.append(f"Test error {100 * test['error']:.2f}%, test MMC {test['mmc']:.3f} over "
-               f"{test['num_examples']} test images.")
+  if test['num_examples']:
+    lines.append(f"Test error {te}, test MMC {test['mmc']:.3f} over {test['num_examples']} test "
+                 'images.')
+  if results.get('data_free'):
+    lines.append('Not run without the in-distribution data:')
+    lines += [f'- {key}: {note}' for key, note in results['data_free'].items()]
   if results['skipped']:
     lines.append('')
     lines.append('Skipped (not evaluated):')
@@ -570,7 +629,10 @@ def format_table(results):
 
 def summary_scalars(results):
   """{TensorBoard tag: value} of every scalar in the results."""
-  scalars = {'eval/test/error': results['test']['error'], 'eval/test/mmc': results['test']['mmc']}
+  scalars = {}
+  if results['test'] is not None:
+    scalars = {'eval/test/error': results['test']['error'],
+               'eval/test/mmc': results['test']['mmc']}
   for key, e in results['out_sets'].items():
     for m in ('mmc', 'auroc', 'fpr95', 'aupr_in', 'aupr_out', 'success_rate', 'mmc_all'):
       if e.get(m) is not None:
@@ -594,7 +656,7 @@ def write_outputs(results, output_dir, *, confidences, titles, grid, class_names
                               pngs['confidence_histograms'], title=f'Confidences: {label}',
                               num_classes=len(class_names))
   out = {titles[k]: v for k, v in confidences.items() if k != 'test'}
-  if out:
+  if out and 'test' in confidences:
     pngs['roc_curves'] = os.path.join(output_dir, 'roc_curves.png')
     plots.roc_curves(confidences['test'], out, pngs['roc_curves'], title=f'ROC: {label}')
   row_titles = {'test': titles['test'], 'noise': 'Noise', 'adv_noise': 'Adv. noise',
@@ -666,7 +728,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
       raise ValueError('Cannot tell the in-distribution dataset of the SavedModel: '
                        + (f'conflicting {sorted(names)}.' if names else 'pass --dataset.'))
     name = names.pop()
-    info = input_pipeline.get_info(name, settings.data_dir or (config and config.data_dir) or None)
+    info = known_datasets.get_info(name, settings.data_dir or (config and config.data_dir) or None)
     if tuple(info.image_shape) != classifier.image_shape:
       raise ValueError(f'The SavedModel takes images of shape {classifier.image_shape}, but '
                        f'{name} has {info.image_shape}.')
@@ -709,8 +771,11 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
       strict=settings.strict, seed=seed)
   skipped.update(left_out)
   skipped.update(unavailable)
-  test = input_pipeline.eval_dataset(info.name, 'test', settings.batch_size,
-                                     data_dir=data_dir or None, max_examples=settings.max_examples)
+  test = None  # Data-free: evaluate_model runs what needs no in-distribution images.
+  if info.has_data:
+    test = input_pipeline.eval_dataset(info.name, 'test', settings.batch_size,
+                                       data_dir=data_dir or None,
+                                       max_examples=settings.max_examples)
   return evaluate_model(
       predict_fn, info, test, settings, out_sets=out_sets, skipped=skipped, logits_fn=logits_fn,
       noise_config=config.noise if config is not None else None, output_dir=output_dir,

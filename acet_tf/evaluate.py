@@ -566,8 +566,8 @@ def format_table(results):
       f"| Trained on {name} — {method} (TE: {te}) | N | MMC | AUROC | "
       'FPR@95 | AUPR-in | AUPR-out |',
       '|---|---:|---:|---:|---:|---:|---:|',
-      f"| {name} (test) | {test['num_examples'] or 'not run'} | {_fmt(test['mmc'])} | – | – | – "
-      '| – |',
+      f"| {name} (test) | {test['num_examples'] or 'not run'} | {_fmt(test['mmc'])} | – | – "
+      '| – | – |',
   ]
   for key, e in results['out_sets'].items():
     title = e.get('title', key)
@@ -651,19 +651,21 @@ def write_outputs(results, output_dir, *, confidences, titles, grid, class_names
   name = DATASET_TITLES.get(results['model']['dataset'], results['model']['dataset'])
   label = f"{results['model'].get('method', '')} {name}".strip()
   pngs = {}
-  pngs['confidence_histograms'] = os.path.join(output_dir, 'confidence_histograms.png')
-  plots.confidence_histograms({titles[k]: v for k, v in confidences.items()},
-                              pngs['confidence_histograms'], title=f'Confidences: {label}',
-                              num_classes=len(class_names))
+  if confidences:  # None for Table 2 alone without the test set.
+    pngs['confidence_histograms'] = os.path.join(output_dir, 'confidence_histograms.png')
+    plots.confidence_histograms({titles[k]: v for k, v in confidences.items()},
+                                pngs['confidence_histograms'], title=f'Confidences: {label}',
+                                num_classes=len(class_names))
   out = {titles[k]: v for k, v in confidences.items() if k != 'test'}
   if out and 'test' in confidences:
     pngs['roc_curves'] = os.path.join(output_dir, 'roc_curves.png')
     plots.roc_curves(confidences['test'], out, pngs['roc_curves'], title=f'ROC: {label}')
   row_titles = {'test': titles['test'], 'noise': 'Noise', 'adv_noise': 'Adv. noise',
                 'adv_samples': 'Adv. samples'}
-  pngs['image_grid'] = os.path.join(output_dir, 'image_grid.png')
-  plots.image_grid({row_titles[k]: v for k, v in grid.items()}, class_names, pngs['image_grid'],
-                   title=f'Predicted class and confidence: {label}')
+  if grid:
+    pngs['image_grid'] = os.path.join(output_dir, 'image_grid.png')
+    plots.image_grid({row_titles[k]: v for k, v in grid.items()}, class_names,
+                     pngs['image_grid'], title=f'Predicted class and confidence: {label}')
   results['files'] = {k: os.path.basename(v) for k, v in pngs.items()}
   results['files'].update(results='results.json', table='table.md')
 

@@ -1,6 +1,7 @@
 """Imports one of the authors' TF 1 checkpoints as an ordinary acet_tf run directory.
 
-  python -m acet_tf.import_reference --checkpoint=../shared/reference_models/cifar10_acet/model-100 \
+  python -m acet_tf.import_reference \
+      --checkpoint=../shared/reference_models/cifar10_acet/model-100 \
       --dataset=cifar10 --method=acet --workdir=runs/paper_cifar10_acet
 
 --dataset and --method may be left out when the checkpoint sits in the authors' layout
@@ -25,7 +26,6 @@ from acet_tf import reference_checkpoints
 # acet_tf dataset -> its config file under configs/.
 CONFIG_FILES = {'mnist': 'mnist.py', 'svhn_cropped': 'svhn.py', 'cifar10': 'cifar10.py',
                 'cifar100': 'cifar100.py'}
-METHODS = ('plain', 'ceda', 'acet')
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, "The authors' checkpoint prefix, e.g. "
@@ -33,39 +33,17 @@ _CHECKPOINT = flags.DEFINE_string('checkpoint', None, "The authors' checkpoint p
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The new run directory.')
 _DATASET = flags.DEFINE_string('dataset', None, 'svhn_cropped (or svhn), cifar10, cifar100 or '
                                'mnist; default: from the run name.')
-_METHOD = flags.DEFINE_enum('method', None, METHODS, 'plain, ceda or acet; default: from the run '
-                            'name.')
+_METHOD = flags.DEFINE_enum('method', None, ('plain', 'ceda', 'acet'),
+                            'plain, ceda or acet; default: from the run name.')
 _RUN_NAME = flags.DEFINE_string('run_name', None, "The authors' run name, if the path does not "
                                 'carry it (recorded in source.json; also gives dataset/method).')
 _CONFIG_FILE = flags.DEFINE_string('config_file', None, 'Config file to read instead of '
                                    'configs/<dataset>.py (the method is appended as :<method>).')
 
 
-def resolve(checkpoint, dataset=None, method=None, run_name=None):
-  """(dataset, method, run name or None): the flags, else what the authors' run name says.
-
-  A flag that contradicts the run name is an error.
-  """
-  run_name = run_name or reference_checkpoints.run_name_of(checkpoint)
-  parsed = reference_checkpoints.parse_run_name(run_name) if run_name else None
-  if dataset is not None and dataset not in CONFIG_FILES:
-    dataset = reference_checkpoints.DATASETS.get(dataset, dataset)
-  for key, given in (('dataset', dataset), ('method', method)):
-    if parsed and given and parsed[key] != given:
-      raise ValueError(f'--{key}={given} but the run name {run_name!r} says {parsed[key]}.')
-  dataset = dataset or (parsed and parsed['dataset'])
-  method = method or (parsed and parsed['method'])
-  if not dataset or not method:
-    raise ValueError(f'{checkpoint} is not in a folder named like the authors\' runs: pass '
-                     '--dataset and --method (or --run_name).')
-  if dataset not in CONFIG_FILES:
-    raise ValueError(f'Unknown dataset {dataset!r}; known: {", ".join(CONFIG_FILES)}.')
-  return dataset, method, run_name
-
-
 def paper_config(dataset, method, config_file=None):
   """The config `acet_tf.train --config=configs/<dataset file>.py:<method>` would use."""
-  path = config_file or os.path.join(_REPO, 'configs', CONFIG_FILES[dataset])
+  path = config_file or os.path.join(_REPO, 'configs', CONFIG_FILES[dataset])  # Read, not imported.
   spec = f'{path}:{method}'
   config = config_flags.ConfigFileFlagParser(name='config').parse(spec)
   if config.dataset != dataset:
@@ -78,8 +56,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _CHECKPOINT.value or not _WORKDIR.value:
     raise app.UsageError('--checkpoint and --workdir are required.')
-  dataset, method, run_name = resolve(_CHECKPOINT.value, _DATASET.value, _METHOD.value,
-                                      _RUN_NAME.value)
+  dataset, method, run_name = reference_checkpoints.resolve(
+      _CHECKPOINT.value, _DATASET.value, _METHOD.value, _RUN_NAME.value)
+  if dataset not in CONFIG_FILES and not _CONFIG_FILE.value:
+    raise app.UsageError(f'No config file known for dataset {dataset!r}; pass --config_file.')
   config, spec = paper_config(dataset, method, _CONFIG_FILE.value)
   _, step, path = reference_checkpoints.import_checkpoint(
       _CHECKPOINT.value, _WORKDIR.value, config, run_name=run_name,

@@ -67,10 +67,11 @@ def parse_run_name(name):
   Raises:
     ValueError: the name lacks dataset, model, at_frac or pgd_niter, or names an unknown one.
   """
-  fields = dict(re.findall(r'(?:^|[\s_])([a-z_]+?)=(\S+)', name))
+  # Keys start the name, follow a space, or follow the time stamp ('..09:02:11_dataset=').
+  fields = dict(re.findall(r'(?:^|\s|(?<=\d)_)([a-z][a-z_]*)=(\S+)', name))
   missing = [k for k in ('dataset', 'model', 'at_frac', 'pgd_niter') if k not in fields]
   if missing:
-    raise ValueError(f'{name!r} is not one of the authors\' run names (no {", ".join(missing)}=); '
+    raise ValueError(f'{name!r} is not one of the authors\' run names (no {"=, ".join(missing)}=); '
                      'pass --dataset and --method.')
   if fields['dataset'] not in DATASETS:
     raise ValueError(f'Run {name!r}: unknown dataset {fields["dataset"]!r}; known: '
@@ -105,6 +106,28 @@ def run_name_of(checkpoint):
     except ValueError:
       continue
   return None
+
+
+def resolve(checkpoint, dataset=None, method=None, run_name=None):
+  """(dataset, method, run name or None) of an import: as given, else from the authors' run name.
+
+  `dataset` may be the reference's name ('svhn') or acet_tf's ('svhn_cropped'). A given value that
+  contradicts the run name is an error, and so is a value that neither gives nor implies.
+  """
+  run_name = run_name or run_name_of(checkpoint)
+  parsed = parse_run_name(run_name) if run_name else None
+  if dataset is not None:
+    dataset = DATASETS.get(dataset, dataset)
+  for key, given in (('dataset', dataset), ('method', method)):
+    if parsed and given and parsed[key] != given:
+      raise ValueError(f'--{key}={given} but the run name {run_name!r} says {parsed[key]}.')
+  dataset = dataset or (parsed and parsed['dataset'])
+  method = method or (parsed and parsed['method'])
+  if not dataset or not method:
+    raise ValueError(f'{checkpoint} is not in a folder named like the authors\' runs '
+                     '(<run name>/models/<run name>-<epoch>): pass --dataset and --method (or '
+                     '--run_name).')
+  return dataset, method, run_name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +252,7 @@ def check_fits(weights, table):
 
 
 def load_into(model, weights, architecture):
-  """Checks that `weights` fit `model` exactly, then assigns them (nothing is assigned otherwise)."""
+  """Checks that `weights` fit `model` exactly, then assigns them (else assigns nothing)."""
   table = reference_names(model, architecture)
   check_fits(weights, table)
   for name, variable in table.items():

@@ -163,11 +163,13 @@ def _images(batches):
   return np.concatenate([np.asarray(x) for x, _ in batches])
 
 
-def measure_sets(model, config, num_examples, adv_noise_examples):
+def measure_sets(model, config, num_examples, adv_noise_examples, info=None):
   """The test set, noise and adversarial noise, with the model's predictions on them.
 
   Noise and adversarial noise are made as in evaluation.evaluate_during_training (the same seeds,
-  noise config and eval.adv_noise_* attack), from the first `num_examples` test points.
+  noise config and eval.adv_noise_* attack), from the first `num_examples` test points. Without
+  the data (`info.has_data` False) there is no 'test' entry and the noise is uniform noise only
+  (`num_examples` images; the permuted half needs test images).
 
   Returns:
     {'test', 'noise', 'adv_noise'} -> (images float32 [n, H, W, C] in [0, 1],
@@ -178,12 +180,23 @@ def measure_sets(model, config, num_examples, adv_noise_examples):
   if adv_noise_examples < 0:
     raise ValueError(f'adv_noise_examples must be >= 0, got {adv_noise_examples}.')
   predict = evaluation.make_predict_fn(model)
-  test = list(input_pipeline.eval_dataset(
-      config.dataset, 'test', config.eval.batch_size, data_dir=config.data_dir or None,
-      max_examples=num_examples))
+  noise_config = config.noise
+  if info is None or info.has_data:
+    test = list(input_pipeline.eval_dataset(
+        config.dataset, 'test', config.eval.batch_size, data_dir=config.data_dir or None,
+        max_examples=num_examples))
+    sets = {'test': test}
+  else:  # Zero images as the noise source; with no permuted share their content is never read.
+    size = config.eval.batch_size
+    test = [(tf.zeros([min(size, num_examples - i), *info.image_shape]),
+             tf.zeros([min(size, num_examples - i)], tf.int32))
+            for i in range(0, num_examples, size)]
+    noise_config = config.noise.copy_and_resolve_references()
+    noise_config.permuted_fraction = 0.0
+    sets = {}
   noise = list(evaluation.noise_batches(
-      test, evaluation.eval_seed(config.seed, evaluation.NOISE_STREAM), config.noise))
-  sets = {'test': test, 'noise': noise}
+      test, evaluation.eval_seed(config.seed, evaluation.NOISE_STREAM), noise_config))
+  sets['noise'] = noise
   if adv_noise_examples:
     sets['adv_noise'] = list(evaluation.attack_batches(
         model, evaluation.take_examples(noise, adv_noise_examples),
@@ -196,8 +209,20 @@ def measure_sets(model, config, num_examples, adv_noise_examples):
 
 
 def accept_rates(sets, threshold):
-  """Share of each set with confidence >= threshold, and the test error among accepted points."""
-  test = sets['test'][1]
+  """Share of each set with confidence >= threshold, and the test error among accepted points.
+
+  Without a 'test' set (no data) the test rates are absent; the metadata says why.
+  """
+  rates = {}
+  if 'test' in sets:
+    rates.update(_test_rates(sets['test'][1], threshold))
+  for name in ('noise', 'adv_noise'):
+    if name in sets:
+      rates[name] = float((sets[name][1].confidence >= threshold).mean())
+  return rates
+
+
+def _test_rates(test, threshold):
   correct = test.predicted == test.labels
   accepted = test.confidence >= threshold
   rates = {
@@ -207,9 +232,6 @@ def accept_rates(sets, threshold):
                                  else None),
       'test_error': float(1.0 - correct.mean()),
   }
-  for name in ('noise', 'adv_noise'):
-    if name in sets:
-      rates[name] = float((sets[name][1].confidence >= threshold).mean())
   return rates
 
 
@@ -245,7 +267,8 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
   """Exports the latest checkpoint of `workdir` to `export_dir/<version>`.
 
   Args:
-    workdir: a run directory (runs.restore_model reads it).
+    workdir: a training run or an imported one (runs.restore_model reads it; without its data
+      only a given threshold works and the noise is uniform noise only).
     export_dir: base directory of the versions.
     version: positive int, or None for one more than the largest existing version.
     threshold: 'auto' (calibrated, see CALIBRATION_RULE) or a float in [0, 1].
@@ -262,12 +285,15 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
   threshold = parse_threshold(threshold)
   version = _next_version(export_dir, version)  # Checked before the minutes of measuring.
   model, config, info, step = runs.restore_model(workdir)
+  if threshold == 'auto' and not info.has_data:
+    raise ValueError(f"--threshold=auto calibrates on the {config.dataset} test split, which is "
+                     'not on this machine: pass a threshold in [0, 1], e.g. --threshold=0.5.')
   num_examples = config.eval.max_examples if num_examples is None else num_examples
   adv_noise_examples = (config.eval.adv_noise_examples if adv_noise_examples is None
                         else adv_noise_examples)
-  sets = measure_sets(model, config, num_examples, adv_noise_examples)
-  test = sets['test'][1]
+  sets = measure_sets(model, config, num_examples, adv_noise_examples, info)
   if threshold == 'auto':
+    test = sets['test'][1]
     value = metrics.calibrate_threshold(test.confidence, test.predicted == test.labels, keep)
     how = CALIBRATION_RULE.format(keep=keep, n=len(test.labels), dataset=config.dataset)
   else:
@@ -295,6 +321,10 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
           'keep': keep if threshold == 'auto' else None,
           'accepted': 'confidence >= threshold, confidence = max softmax probability',
           'accept_rates': accept_rates(sets, value),
+          'not_measured': {} if info.has_data else {
+              'test': f'the {config.dataset} data is not on this machine: no test accept rate, '
+                      'test error or calibration.',
+              'noise': 'uniform noise only (the permuted half needs test images).'},
           'examples': counts,
           'adv_noise_attack': ({'eps': config.eval.adv_noise_eps,
                                 'step_size': config.eval.adv_noise_step_size,

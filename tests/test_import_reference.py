@@ -6,13 +6,17 @@ LeNet-naming and mismatch tests write their own checkpoints with the reference's
 """
 import json
 import os
+import re
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from acet_tf import export
 from acet_tf import models
 from acet_tf import noise as noise_lib
 from acet_tf import reference_checkpoints as rc
@@ -262,3 +266,60 @@ def test_imported_logits_equal_the_authors_graph(tmp_path, name):
       assert relative <= 1e-4, f'{name} on {kind}: relative difference {relative:.2e}'
   finally:
     graph.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Export and serve without the dataset.
+# ------------------------------------------------------------------------------------------------
+
+
+def _start_server(export_dir, name, log):
+  """acet_tf.serve on a free port (as tests/test_serve.py starts it). Returns (process, URL)."""
+  with open(log, 'w') as err:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'acet_tf.serve', f'--export_dir={export_dir}',
+         f'--model_name={name}', '--port=0'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+  deadline = time.monotonic() + 300
+  while True:
+    match = re.search(r'at http://127\.0\.0\.1:(\d+)', log.read_text())
+    if match:
+      return proc, f'http://127.0.0.1:{match.group(1)}'
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'server did not start:\n{log.read_text()[-3000:]}')
+    time.sleep(0.2)
+
+
+@pytest.mark.slow
+@needs_reference
+def test_imported_cifar10_acet_exports_and_serves_without_its_data(tmp_path):
+  checkpoint = os.path.join(REFERENCE_DIR, 'cifar10_acet', 'model-100')
+  workdir, export_dir = str(tmp_path / 'run'), str(tmp_path / 'export')
+  rc.import_checkpoint(checkpoint, workdir, cifar10.get_config('acet'))
+  model, _, info, _ = runs.restore_model(workdir)
+  if info.has_data:
+    pytest.skip('cifar10 is on this machine: this test is about the data-free export.')
+  with pytest.raises(ValueError, match='--threshold=auto calibrates on the cifar10 test split'):
+    export.export_model(workdir, export_dir, threshold='auto')
+  path, metadata = export.export_model(workdir, export_dir, threshold=0.5, num_examples=8,
+                                       adv_noise_examples=2)
+  assert metadata['threshold']['value'] == 0.5
+  assert set(metadata['threshold']['accept_rates']) == {'noise', 'adv_noise'}
+  assert set(metadata['threshold']['not_measured']) == {'test', 'noise'}
+  assert metadata['class_names'][:2] == ['airplane', 'automobile']
+
+  proc, url = _start_server(export_dir, 'cifar10_acet', tmp_path / 'serve.txt')
+  try:
+    images = np.random.default_rng(3).uniform(size=(4, 32, 32, 3)).astype(np.float32)
+    request = urllib.request.Request(f'{url}/v1/models/cifar10_acet:predict',
+                                     data=json.dumps({'instances': images.tolist()}).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+      rows = json.load(response)['predictions']
+  finally:
+    proc.kill()
+    proc.wait()
+  probs = tf.nn.softmax(model(images, training=False)).numpy()
+  assert [r['predicted_class'] for r in rows] == probs.argmax(axis=1).tolist()
+  np.testing.assert_allclose([r['confidence'] for r in rows], probs.max(axis=1), atol=1e-5)
+  # ACET's answer on uniform noise: close to uniform over the 10 classes, so it abstains.
+  assert all(r['confidence'] < 0.5 and r['accepted'] is False for r in rows)

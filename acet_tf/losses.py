@@ -3,6 +3,7 @@
 Everything here is per example (no reduction): the train step reduces over the global batch, so
 the update is the same on one or many replicas.
 """
+import keras
 import tensorflow as tf
 
 
@@ -20,12 +21,36 @@ def max_log_confidence(logits):
   return tf.reduce_max(tf.nn.log_softmax(tf.cast(logits, tf.float32)), axis=-1)
 
 
-def weight_decay(variables, coefficient):
-  """coefficient * sum of squared weights over the kernels (variables with ndim > 1).
+WEIGHT_DECAY_RULES = ('reference', 'kernels')
 
-  Biases and BatchNorm scales/offsets are left out, as in the reference's weight-only decay.
+
+def decayed_variables(model, rule):
+  """The trainable variables of `model` that weight decay applies to (config.weight_decay_variables).
+
+  Args:
+    model: a Keras model.
+    rule: 'reference': every trainable variable of the convolution and dense layers, kernels and
+      biases, no batch-norm parameters. That is the reference's rule (regularizers.weight_decay
+      takes the variables whose names contain 'weight', 'fc' or 'conv': its conv and fc scopes),
+      which decays every LeNet bias and the ResNet's final dense bias. 'kernels': kernels only
+      (variables with ndim > 1).
+
+  Returns:
+    A list of variables, in the order of model.trainable_variables.
   """
-  kernels = [tf.cast(v, tf.float32) for v in variables if len(v.shape) > 1]
-  if not kernels or coefficient == 0:
+  if rule == 'kernels':
+    return [v for v in model.trainable_variables if len(v.shape) > 1]
+  if rule != 'reference':
+    raise ValueError(f'weight_decay_variables must be one of {WEIGHT_DECAY_RULES}, got {rule!r}.')
+  weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+  chosen = {id(v) for layer in model.layers if isinstance(layer, weighted)
+            for v in layer.trainable_weights}
+  return [v for v in model.trainable_variables if id(v) in chosen]
+
+
+def weight_decay(variables, coefficient):
+  """coefficient * sum of squares over `variables` (pick them with decayed_variables)."""
+  variables = [tf.cast(v, tf.float32) for v in variables]
+  if not variables or coefficient == 0:
     return tf.constant(0.0)
-  return coefficient * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels])
+  return coefficient * tf.add_n([tf.reduce_sum(tf.square(v)) for v in variables])

@@ -99,7 +99,8 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
           tf.concat([loss_in, loss_out], axis=0), global_batch_size=global_count)
       # Keras 3 sums gradients over replicas: scale the per-replica regulariser by 1/replicas.
       decay = tf.nn.scale_regularization_loss(
-          losses.weight_decay(model.trainable_variables, config.weight_decay))
+          losses.weight_decay(losses.decayed_variables(model, config.weight_decay_variables),
+                              config.weight_decay))
       loss = data_loss + decay
       scaled = optimizer.scale_loss(loss) if hasattr(optimizer, 'scale_loss') else loss
     grads = tape.gradient(scaled, model.trainable_variables)

@@ -80,7 +80,11 @@ def base_config(method):
   c.optimizer.momentum = 0.9
   c.optimizer.decay_at = (0.5, 0.75, 0.9)  # Fractions of training where the rate is divided.
   c.optimizer.decay_factor = 0.1
-  c.weight_decay = 5e-4  # Times the sum of squared kernel weights, every method.
+  c.weight_decay = 5e-4  # Times the sum of squares of the decayed variables, every method.
+  # Which variables: 'reference' = every variable of the convolution and dense layers, kernels and
+  # biases (the reference decays names containing 'weight', 'fc' or 'conv': all LeNet biases and
+  # the ResNet's final dense bias; no batch-norm parameters); 'kernels' = kernels only.
+  c.weight_decay_variables = 'reference'
 
   # p_out: noise images (RECIPE.md "The out-distribution").
   # permuted_fraction: share built by permuting the pixels of training images; then a Gaussian

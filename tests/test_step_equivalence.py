@@ -15,6 +15,7 @@ import tensorflow as tf
 from acet_tf import attacks
 from acet_tf import batch_random
 from acet_tf import models
+from acet_tf import reference_checkpoints
 from acet_tf import train_step
 from configs import common
 
@@ -84,6 +85,12 @@ def reference_pgd(model, z, seed, eps, step_size, steps, return_last=False):
   return u if return_last else best
 
 
+def reference_scopes(model):
+  """{the reference's variable name: variable} (its TF 1 scopes, as its checkpoints name them)."""
+  architecture = {'lenet': 'lenet', 'preact_resnet': 'resnet_small'}[model.name]
+  return reference_checkpoints.reference_names(model, architecture)
+
+
 def reference_step(model, config, images, labels):
   """One SGD step; returns (loss, adversarial noise or None, new weights)."""
   out = None
@@ -100,10 +107,12 @@ def reference_step(model, config, images, labels):
     logits = model(inputs, training=True)
     loss_in = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits[:len(images)])
     loss_out = max_log_softmax(logits[len(images):])
-    # (sum CE + sum L_out) / (n_clean + n_noise) + wd * sum of squared weights; like the
-    # project (losses.weight_decay), "weights" are the kernels: no biases, no BN parameters.
+    # (sum CE + sum L_out) / (n_clean + n_noise) + wd * sum of squares of the variables whose
+    # reference name (its TF 1 scopes) contains 'weight', 'fc' or 'conv', the reference's
+    # regularizers.weight_decay: conv/dense kernels and biases, no batch-norm parameters.
     decay = config.weight_decay * sum(
-        tf.reduce_sum(tf.square(v)) for v in model.trainable_variables if len(v.shape) > 1)
+        tf.reduce_sum(tf.square(v)) for name, v in reference_scopes(model).items()
+        if 'weight' in name or 'fc' in name or 'conv' in name)
     loss = (tf.reduce_sum(loss_in) + tf.reduce_sum(loss_out)) / len(inputs) + decay
   grads = tape.gradient(loss, model.trainable_variables)
   # SGD with momentum from zero velocity: the first step is w - lr * g.

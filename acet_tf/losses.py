@@ -25,7 +25,7 @@ WEIGHT_DECAY_RULES = ('reference', 'kernels')
 
 
 def decayed_variables(model, rule):
-  """The trainable variables of `model` that weight decay applies to (config.weight_decay_variables).
+  """The trainable variables of `model` that weight decay takes (config.weight_decay_variables).
 
   Args:
     model: a Keras model.

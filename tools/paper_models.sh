@@ -18,7 +18,7 @@ for name in $names; do
   python -m acet_tf.evaluate --workdir="$run" --sets=table2 --table2_examples="$draws" \
       --output_dir="$out/eval_table2/$name" > /dev/null
   mid=$(date +%s)
-  python tools/reference_oracle.py --checkpoint="$ref/$name/model-100" \
+  python -m tools.reference_oracle --checkpoint="$ref/$name/model-100" \
       --table2_examples="$draws" > "$out/oracle_$name.json"
   echo "$name table2_s=$((mid - start)) oracle_table2_s=$(($(date +%s) - mid))" \
       | tee -a "$out/timing.txt"

@@ -1,26 +1,22 @@
 """The authors' own TF 1 graph (model-100.meta) as an oracle for imported models.
 
-  python tools/reference_oracle.py --checkpoint=../shared/reference_models/cifar10_acet/model-100 \
+  python -m tools.reference_oracle --checkpoint=../shared/reference_models/cifar10_acet/model-100 \
       --table2_examples=1000 [--seed=0]
 
-prints Table 2's median alpha of the authors' graph on the same uniform draws acet_tf.evaluate
-uses (seed = the run's config.seed, 0 for every imported run), so the two numbers differ only by
-the search. The graph is run as /work/shared/reference_models/README.md describes: the `.meta`
+prints Table 2 for the authors' graph, with acet_tf's own search (scaling.table2, the graph run
+through tf.py_function) on the uniform draws acet_tf.evaluate uses (seed = the run's config.seed,
+0 for every imported run): the two numbers can differ only by float rounding in the logits. The graph is run as /work/shared/reference_models/README.md describes: the `.meta`
 without its `_output_shapes` attributes, imported with `input_map` on the network's input
 `tower_0/cond_2/Merge:0` (the output of the graph's own noise/PGD switch), restored with its saver.
 Test and tool code only: the library never needs TF 1 graphs.
 """
 import json
-import os
-import sys
 import time
 
 from absl import app
 from absl import flags
 import numpy as np
 import tensorflow as tf
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 NETWORK_INPUT = 'tower_0/cond_2/Merge:0'
 LOGITS = 'tower_0/logit/fc/xw_plus_b:0'

@@ -28,6 +28,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import gc
 import json
 import os
 import signal
@@ -50,7 +51,6 @@ from acet_tf import serving_batcher
 from acet_tf import serving_layout
 from acet_tf import serving_metrics
 from acet_tf import serving_versions
-
 
 DEFAULT_SIGNATURE = 'serving_default'
 REQUEST_KEYS = ('instances', 'inputs', 'signature_name')
@@ -551,6 +551,16 @@ class _SingleVersion:
     pass
 
 
+def freeze_gc():
+  """Moves every object alive now (TensorFlow's and the loaded model's, about a million) out of
+  the garbage collector's sight. Decoding a float batch makes ~50,000 lists, enough to set off
+  full collections, and each scanned all of them: 300 ms instead of 13 ms per 64 images here.
+  A larger first-generation threshold (20,000 allocations, not 700) takes a further third off."""
+  gc.collect()
+  gc.freeze()
+  gc.set_threshold(20_000, 20, 10)
+
+
 def create_app(export_dir, model_name, *, version=None, threshold=None, max_body_bytes=16 << 20,
                max_batch_size=1024, keep_versions=1, poll_interval_s=0.0, batching=None):
   """Loads the export and returns its RestApp (a WSGI callable).
@@ -564,10 +574,12 @@ def create_app(export_dir, model_name, *, version=None, threshold=None, max_body
   if version is not None:
     versions = _SingleVersion(ServedModel(export_dir, version=version, threshold=threshold))
     metrics.observe_versions({version: ('AVAILABLE', '')})
+    freeze_gc()
   else:
     versions = serving_versions.ModelVersions(
         export_dir, functools.partial(ServedModel.from_version_dir, threshold=threshold),
-        keep=keep_versions, poll_interval_s=poll_interval_s, on_change=metrics.observe_versions)
+        keep=keep_versions, poll_interval_s=poll_interval_s,
+        on_change=lambda states: (metrics.observe_versions(states), freeze_gc()))
   rest = RestApp(versions, model_name, max_body_bytes=max_body_bytes,
                  max_batch_size=max_batch_size, metrics=metrics)
   if batching is not None:

@@ -1,6 +1,7 @@
 """acet_tf.serve over real HTTP: a subprocess on a free loopback port, bad requests, SIGTERM."""
 import base64
 import concurrent.futures
+from http import client as http_client
 import json
 import os
 import re
@@ -13,7 +14,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http import client as http_client
 
 import numpy as np
 import pytest
@@ -393,8 +393,10 @@ def test_png_digits_and_noise_match_the_float_signature(run, server):
 def test_decode_images_converts_channels_formats_and_sizes():
   """The graph's decoding against numpy: exact for same-size gray/RGB(A) PNG, BMP, GIF; integer
   shrinking is an exact area average; JPEG is lossy."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's dependency)
   import io  # pylint: disable=g-import-not-at-top
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's dependency)
+
   from acet_tf import export  # pylint: disable=g-import-not-at-top
   gray = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
   rgb = np.stack([gray, 255 - gray, gray // 2], -1)
@@ -583,8 +585,8 @@ def test_new_version_is_picked_up_without_failed_requests(run, tmp_path):
   export_dir = tmp_path / 'export'
   shutil.copytree(run['path'], export_dir / '1')
   poll = 0.5
-  proc, url = start_server(export_dir, tmp_path / 'log.txt', f'--file_system_poll_wait_seconds={poll}',
-                           '--enable_batching')
+  proc, url = start_server(export_dir, tmp_path / 'log.txt',
+                           f'--file_system_poll_wait_seconds={poll}', '--enable_batching')
   try:
     images = support.digits(2)[0]
     stop, results = threading.Event(), []
@@ -616,13 +618,15 @@ def test_new_version_is_picked_up_without_failed_requests(run, tmp_path):
     for t in threads:
       t.join()
     assert len(results) > 10 and set(results) == {200}, results
-    assert http(f'{url}/v1/models/{NAME}/versions/2:predict', {'instances': images.tolist()})[0] == 200
+    v2 = f'{url}/v1/models/{NAME}/versions/2:predict'
+    assert http(v2, {'instances': images.tolist()})[0] == 200
     status, reply = http(f'{url}/v1/models/{NAME}/versions/1:predict',
                          {'instances': images.tolist()})
     assert status == 404 and 'state END' in reply['error']
     metrics = metric_values(url)
-    assert metrics[('acet_serving_model_version_available', frozenset({('model_version', '2')}))] == 1
-    assert metrics[('acet_serving_model_version_available', frozenset({('model_version', '1')}))] == 0
+    available = lambda v: metrics[('acet_serving_model_version_available',
+                                   frozenset({('model_version', v)}))]
+    assert available('2') == 1 and available('1') == 0
     assert sum(v for (name, labels), v in metrics.items()
                if name == 'acet_serving_accepted_examples_total'
                and ('model_version', '2') in labels) > 0

@@ -111,6 +111,9 @@ class ModelVersions:
     """The model of `version`, or of the newest served one; VersionNotFoundError otherwise."""
     models = self._models
     if version is None:
+      if not models:
+        raise VersionNotFoundError(f'No version is served: {self.export_dir} has no complete '
+                                   'version any more.')
       return models[max(models)]
     if version not in models:
       state = self._states.get(version, ('',))[0]

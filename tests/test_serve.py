@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = 'digits'
 MAX_BODY = 200_000  # Bytes: about 25 float images of 28 x 28 as JSON.
 MAX_BATCH = 16
+SOCKET_TIMEOUT = 5  # Seconds; the server drops a client silent this long.
 
 
 @pytest.fixture(scope='module')
@@ -60,7 +61,8 @@ def server(run, tmp_path_factory):
   log = tmp_path_factory.mktemp('serve') / 'stderr.txt'
   proc, url = start_server(run['export_dir'], log, f'--max_body_bytes={MAX_BODY}',
                            f'--max_batch_size={MAX_BATCH}', '--enable_batching',
-                           '--batching_max_batch_size=8', '--batching_timeout_micros=2000')
+                           '--batching_max_batch_size=8', '--batching_timeout_micros=2000',
+                           f'--socket_timeout_seconds={SOCKET_TIMEOUT}')
   yield proc, url
   if proc.poll() is None:
     proc.kill()
@@ -290,6 +292,28 @@ def test_wrong_method_and_garbage_bytes(server):
 
 
 @pytest.mark.slow
+def test_keep_alive_and_a_stalled_client_is_dropped(server):
+  proc, url = server
+  port = int(url.rsplit(':', 1)[1])
+  conn = http_client.HTTPConnection('127.0.0.1', port, timeout=60)
+  for _ in range(3):  # One connection, several requests.
+    conn.request('POST', f'/v1/models/{NAME}:predict', json.dumps({'instances': _digit_rows()}))
+    response = conn.getresponse()
+    assert response.status == 200 and len(json.load(response)['predictions']) == 1
+    if _ == 0:
+      sock = conn.sock
+    assert conn.sock is sock  # http.client reconnects (a new socket) if the server closed it.
+  conn.close()
+  with socket.create_connection(('127.0.0.1', port), timeout=60) as s:
+    s.sendall(f'POST /v1/models/{NAME}:predict HTTP/1.1\r\nHost: x\r\nContent-Len'.encode())
+    start = time.monotonic()
+    reply = s.recv(4096)  # Blocks until the server gives up on this client.
+    waited = time.monotonic() - start
+  assert waited >= SOCKET_TIMEOUT - 0.5 and (reply == b'' or reply.startswith(b'HTTP/1.1 408'))
+  assert proc.poll() is None and http(f'{url}/v1/models/{NAME}')[0] == 200
+
+
+@pytest.mark.slow
 def test_concurrent_requests_get_their_own_answers(run, server):
   _, url = server
   images, _ = support.digits(24)
@@ -471,6 +495,8 @@ def test_metrics_count_accepted_and_abstained_per_version(run):
   assert client.post(f'/v1/models/{NAME}:predict', data=b'{').status_code == 400
   after = get()
   serve.close_app(app)
+  reply = client.post(f'/v1/models/{NAME}:predict', json={'instances': digits[:1].tolist()})
+  assert reply.status_code == 503 and 'shutting down' in reply.get_json()['error']
 
   def delta(k):
     return after.get(k, 0.0) - before.get(k, 0.0)

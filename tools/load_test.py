@@ -15,7 +15,6 @@ and spreads over rounds.
 """
 import argparse
 import base64
-import concurrent.futures
 import http.client
 import json
 import os
@@ -145,9 +144,10 @@ def main(argv=None):
   cases = args.cases.split(',')
 
   sys.path.insert(0, ROOT)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   from acet_tf import input_pipeline  # pylint: disable=g-import-not-at-top
   from acet_tf import serving_layout  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   images, _ = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', 64, max_examples=64)))
   images = images.numpy()
   pngs = [tf.io.encode_png(np.round(x * 255).astype(np.uint8)).numpy() for x in images]

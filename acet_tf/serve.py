@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import signal
+import struct
 import threading
 import time
 
@@ -221,13 +222,36 @@ def _shape_of(value):
 _IMAGE_MAGIC = (b'\x89PNG\r\n\x1a\n', b'\xff\xd8\xff', b'GIF87a', b'GIF89a', b'BM')
 
 
+# Decoding makes a float32 copy of each image: 4 Mpx is 48 MB in RGB, so a small file that claims
+# a huge size (a decompression bomb) is refused before the model runs.
+MAX_IMAGE_PIXELS = 1 << 22
+
+
+def image_pixels(data):
+  """Width x height an image file's header claims (PNG, GIF, BMP: fixed offsets; JPEG: TF's own
+  header reader). None if the header is too short or unreadable (the decoder then names it)."""
+  try:
+    if data.startswith(b'\x89PNG'):
+      width, height = struct.unpack('>II', data[16:24])
+    elif data.startswith(b'GIF'):
+      width, height = struct.unpack('<HH', data[6:10])
+    elif data.startswith(b'BM'):
+      width, height = struct.unpack('<ii', data[18:26])
+    else:
+      height, width = tf.image.extract_jpeg_shape(data).numpy()[:2]
+  except (struct.error, tf.errors.InvalidArgumentError):
+    return None
+  return abs(int(width)) * abs(int(height))
+
+
 def _is_b64(value):
   return isinstance(value, dict) and len(value) == 1 and 'b64' in value
 
 
 def to_bytes_array(name, value, spec):
   """A batch of TF Serving {"b64": ...} values -> object array of bytes [n]; RequestError naming
-  the instance otherwise (not an object with "b64", not base64, not an image format)."""
+  the instance otherwise (not an object with "b64", not base64, not an image format, too many
+  pixels)."""
   if not isinstance(value, list):
     raise RequestError(f"input '{name}' must be a list, {spec.describe()}; got a JSON "
                        f'{type(value).__name__}.')
@@ -246,6 +270,10 @@ def to_bytes_array(name, value, spec):
     if not data.startswith(_IMAGE_MAGIC):
       raise RequestError(f"instance {i} of '{name}' is not a PNG, JPEG, GIF or BMP file (it "
                          f'starts with {data[:8]!r}).')
+    pixels = image_pixels(data)
+    if pixels is not None and pixels > MAX_IMAGE_PIXELS:
+      raise RequestError(f"instance {i} of '{name}' claims {pixels} pixels, more than the server's "
+                         f'limit of {MAX_IMAGE_PIXELS}; send smaller images.')
     files[i] = data
   return files
 

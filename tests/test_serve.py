@@ -1,7 +1,9 @@
-"""acet_tf.serve over real HTTP: a subprocess on a free loopback port, bad requests, SIGTERM."""
+"""acet_tf.serve: strict checks over real HTTP (a subprocess on a free loopback port), encoded
+images, metrics, dynamic batching, new versions while serving, keep-alive and timeouts, SIGTERM."""
 import base64
 import concurrent.futures
 from http import client as http_client
+import io
 import json
 import os
 import re
@@ -16,10 +18,12 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+from PIL import Image  # matplotlib's dependency: GIF, BMP and JPEG files for the tests
 import pytest
 import tensorflow as tf
 from werkzeug import test as werkzeug_test
 
+from acet_tf import export
 from acet_tf import serve
 from acet_tf import serving_batcher
 from acet_tf import serving_layout
@@ -187,6 +191,11 @@ def _png_b64(corrupt=False):
   return base64.b64encode(data).decode('ascii')
 
 
+def _big_png_b64():
+  """A 4096 x 4096 black PNG: 16 KB of file, 16 Mpx once decoded."""
+  return base64.b64encode(tf.io.encode_png(tf.zeros([4096, 4096, 1], tf.uint8)).numpy()).decode()
+
+
 BAD_REQUESTS = [
     # (name, raw body bytes or a JSON value, path suffix, status, part of the error)
     ('malformed JSON', b'{"instances": [', ':predict', 400, 'not valid JSON'),
@@ -249,6 +258,9 @@ BAD_REQUESTS = [
     ('corrupt PNG', {'signature_name': 'serving_image_bytes', 'instances': [
         {'b64': _png_b64()}, {'b64': _png_b64()}, {'b64': _png_b64(corrupt=True)}]}, ':predict',
      400, "instance 2 of 'image_bytes' is not a decodable image"),
+    ('decompression bomb', {'signature_name': 'serving_image_bytes', 'instances': [
+        {'b64': _png_b64()}, {'b64': _big_png_b64()}]}, ':predict', 400,
+     "instance 1 of 'image_bytes' claims 16777216 pixels"),
     ('empty image batch', {'signature_name': 'serving_image_bytes', 'inputs': []}, ':predict',
      400, 'empty batch'),
     ('images over the limit', {'signature_name': 'serving_image_bytes',
@@ -414,14 +426,20 @@ def test_png_digits_and_noise_match_the_float_signature(run, server):
   assert_matches(keyed['predictions'], want)
 
 
+def test_image_pixels_reads_the_header_of_each_format():
+  for fmt in ('PNG', 'GIF', 'BMP', 'JPEG'):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((30, 70), np.uint8), 'L').save(buf, fmt)
+    assert serve.image_pixels(buf.getvalue()) == 2100, fmt
+  assert serve.image_pixels(b'\x89PNG\r\n') is None
+  assert serve.image_pixels(b'\xff\xd8\xff garbage') is None
+
+
 def test_decode_images_converts_channels_formats_and_sizes():
   """The graph's decoding against numpy: exact for same-size gray/RGB(A) PNG, BMP, GIF; integer
   shrinking is an exact area average; JPEG is lossy."""
-  import io  # pylint: disable=g-import-not-at-top
 
-  from PIL import Image  # pylint: disable=g-import-not-at-top  (matplotlib's dependency)
 
-  from acet_tf import export  # pylint: disable=g-import-not-at-top
   gray = np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)
   rgb = np.stack([gray, 255 - gray, gray // 2], -1)
 

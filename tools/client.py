@@ -4,15 +4,20 @@ Standard library only, so it runs anywhere:
 
   python -m tools.client --model=mnist5k_acet --request=/tmp/demo.json
   python -m tools.client --model=mnist5k_acet --uniform_noise=5
+  python -m tools.client --model=mnist5k_acet --image digit.png photo.jpg
 
 --request is a JSON file holding a :predict body ({"instances": ...} or {"inputs": ...}, optionally
 "signature_name") and optionally "descriptions", one string per image, printed beside the results
 and not sent (`python -m acet_tf.export ... --demo_request=FILE` writes such a file).
 --uniform_noise=N sends N images of uniform noise in [0, 1] of the model's input shape instead.
+--image sends image files (PNG, JPEG, GIF, BMP) as they are, base64 in TF Serving's
+{"b64": ...} form, to the serving_image_bytes signature, which decodes and resizes them.
 Exits with status 1 and the server's error message if the request fails.
 """
 import argparse
+import base64
 import json
+import os
 import random
 import sys
 import urllib.error
@@ -49,6 +54,16 @@ def uniform_noise_request(num_images, shape, seed):
   return {'instances': images}, [f'uniform noise {i}' for i in range(num_images)]
 
 
+def image_request(paths):
+  """{"signature_name": "serving_image_bytes", "instances": [{"b64": ...}]} and the file names."""
+  instances = []
+  for path in paths:
+    with open(path, 'rb') as f:
+      instances.append({'b64': base64.b64encode(f.read()).decode('ascii')})
+  return ({'signature_name': 'serving_image_bytes', 'instances': instances},
+          [os.path.basename(p) for p in paths])
+
+
 def rows_of(reply):
   """Per-image dicts from a row-format ("predictions") or columnar ("outputs") reply."""
   if 'predictions' in reply:
@@ -64,6 +79,7 @@ def main(argv=None):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--request', help='JSON file with the :predict body (see above).')
   source.add_argument('--uniform_noise', type=int, help='Send this many uniform noise images.')
+  source.add_argument('--image', nargs='+', metavar='PATH', help='Send these image files.')
   parser.add_argument('--signature', help='Overrides the signature_name of the request.')
   parser.add_argument('--seed', type=int, default=0, help='Seed of --uniform_noise.')
   args = parser.parse_args(argv)
@@ -76,6 +92,8 @@ def main(argv=None):
         request = json.load(f)
       descriptions = request.get('descriptions')
       body = {k: v for k, v in request.items() if k in SENT_KEYS}
+    elif args.image:
+      body, descriptions = image_request(args.image)
     else:
       if args.uniform_noise < 1:
         parser.error('--uniform_noise must be >= 1')

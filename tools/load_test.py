@@ -1,0 +1,213 @@
+"""Load test of acet_tf.serve on loopback: requests/s, images/s, p50/p99, beside in-process calls.
+
+  python -m tools.load_test --export_dir=exports/mnist5k_acet --seconds=10 --rounds=3
+
+Starts two servers of the export on 127.0.0.1 (batching off and on; nothing else is contacted),
+then runs each case for --seconds per round, --rounds times, alternating the servers within each
+round so that the two are compared on the same load of the machine:
+  b1      batch-1 float requests from --clients_b1 concurrent keep-alive clients
+  b64     batch-64 float requests (JSON floats as Python's json writes them)
+  b64png  batch-64 PNG files as {"b64": ...} to serving_image_bytes
+and, in this process, the SavedModel's serving_default at batch 1 and 64 and serving_image_bytes at
+64 (the same images). Bounded: each client stops at the round's deadline or after --max_requests
+requests in the round. Prints one JSON line per measurement, then a Markdown table of the medians
+and spreads over rounds.
+"""
+import argparse
+import base64
+import http.client
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+NAME = 'load'
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_server(export_dir, log_path, flags):
+  """acet_tf.serve on 127.0.0.1, port 0. Returns (process, port)."""
+  log = open(log_path, 'w')  # pylint: disable=consider-using-with  (closed with the process)
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'acet_tf.serve', f'--export_dir={export_dir}',
+       f'--model_name={NAME}', '--host=127.0.0.1', '--port=0', '--file_system_poll_wait_seconds=0',
+       *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+  deadline = time.monotonic() + 300
+  while time.monotonic() < deadline and proc.poll() is None:
+    match = re.search(r'at http://127\.0\.0\.1:(\d+)', open(log_path).read())
+    if match:
+      return proc, int(match.group(1))
+    time.sleep(0.2)
+  proc.kill()
+  raise RuntimeError(f'server did not start; see {log_path}')
+
+
+def run_clients(port, body, clients, seconds, max_requests):
+  """`clients` threads POST `body` over keep-alive connections until the deadline.
+
+  Returns {'requests', 'errors', 'seconds', 'latencies' (s, sorted)}.
+  """
+  path = f'/v1/models/{NAME}:predict'
+  headers = {'Content-Type': 'application/json'}
+  lock, latencies, errors = threading.Lock(), [], []
+  count = [0]
+  start = time.perf_counter()
+  deadline = start + seconds
+
+  def client():
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+    mine = []
+    while time.perf_counter() < deadline:
+      with lock:
+        if count[0] >= max_requests:
+          break
+        count[0] += 1
+      t = time.perf_counter()
+      try:
+        conn.request('POST', path, body, headers)
+        response = conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+          errors.append(f'{response.status}: {data[:100]!r}')
+          continue
+      except (OSError, http.client.HTTPException) as e:
+        errors.append(repr(e))
+        conn.close()
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
+        continue
+      mine.append(time.perf_counter() - t)
+    conn.close()
+    with lock:
+      latencies.extend(mine)
+
+  threads = [threading.Thread(target=client) for _ in range(clients)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return {'requests': len(latencies), 'errors': errors, 'seconds': time.perf_counter() - start,
+          'latencies': sorted(latencies)}
+
+
+def summary(result, batch):
+  lat = result['latencies']
+  n = len(lat)
+  pct = lambda q: lat[min(n - 1, int(q * n))] * 1e3 if n else float('nan')
+  rps = n / result['seconds']
+  return {'req_s': rps, 'img_s': rps * batch, 'p50_ms': pct(0.5), 'p99_ms': pct(0.99),
+          'requests': n, 'errors': len(result['errors']),
+          'first_errors': result['errors'][:3]}
+
+
+def in_process(export_path, floats1, floats64, pngs64, seconds):
+  """Calls/s of the loaded SavedModel's signatures, the server's model without HTTP."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  saved = tf.saved_model.load(export_path)
+  cases = {'b1': ('serving_default', {'images': tf.constant(floats1)}, 1),
+           'b64': ('serving_default', {'images': tf.constant(floats64)}, 64),
+           'b64png': ('serving_image_bytes', {'image_bytes': tf.constant(pngs64)}, 64)}
+  out = {}
+  for case, (sig, kwargs, batch) in cases.items():
+    fn = saved.signatures[sig]
+    fn(**kwargs)
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+      fn(**kwargs)['accepted'].numpy()
+      calls += 1
+    rate = calls / (time.perf_counter() - start)
+    out[case] = {'calls_s': rate, 'img_s': rate * batch}
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--export_dir', required=True)
+  parser.add_argument('--seconds', type=float, default=10.0, help='Per case and round.')
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--max_requests', type=int, default=20000, help='Per case and round.')
+  parser.add_argument('--clients_b1', type=int, default=16)
+  parser.add_argument('--clients_b64', type=int, default=8)
+  parser.add_argument('--cases', default='b1,b64,b64png')
+  parser.add_argument('--batching_flags', default='--batching_max_batch_size=64,'
+                      '--batching_timeout_micros=2000,--batching_num_threads=2',
+                      help='Comma-separated flags of the batching server.')
+  args = parser.parse_args(argv)
+  if not 0 < args.seconds <= 120 or not 1 <= args.rounds <= 10:
+    parser.error('--seconds must be in (0, 120] and --rounds in [1, 10]: the test is bounded.')
+  cases = args.cases.split(',')
+
+  sys.path.insert(0, ROOT)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from acet_tf import input_pipeline  # pylint: disable=g-import-not-at-top
+  from acet_tf import serving_layout  # pylint: disable=g-import-not-at-top
+  images, _ = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', 64, max_examples=64)))
+  images = images.numpy()
+  pngs = [tf.io.encode_png(np.round(x * 255).astype(np.uint8)).numpy() for x in images]
+  bodies = {
+      'b1': (json.dumps({'instances': images[:1].tolist()}).encode(), 1),
+      'b64': (json.dumps({'instances': images.tolist()}).encode(), 64),
+      'b64png': (json.dumps({'signature_name': 'serving_image_bytes', 'instances': [
+          {'b64': base64.b64encode(p).decode()} for p in pngs]}).encode(), 64),
+  }
+  version = serving_layout.complete_versions(args.export_dir)[-1]
+
+  tmp = tempfile.mkdtemp(prefix='load_test_')
+  servers = {}
+  try:
+    servers['off'] = start_server(args.export_dir, os.path.join(tmp, 'off.log'), [])
+    servers['on'] = start_server(args.export_dir, os.path.join(tmp, 'on.log'),
+                                 ['--enable_batching', *args.batching_flags.split(',')])
+    rows = {}
+    for r in range(args.rounds):
+      for case in cases:
+        body, batch = bodies[case]
+        clients = args.clients_b1 if case == 'b1' else args.clients_b64
+        order = ['off', 'on'] if r % 2 == 0 else ['on', 'off']
+        for mode in order:
+          s = summary(run_clients(servers[mode][1], body, clients, args.seconds,
+                                  args.max_requests), batch)
+          s.update(case=case, batching=mode, clients=clients, round=r)
+          print(json.dumps(s), flush=True)
+          rows.setdefault((case, mode), []).append(s)
+      inproc = in_process(os.path.join(args.export_dir, str(version)), images[:1], images,
+                          pngs, min(args.seconds, 5.0))
+      for case, s in inproc.items():
+        s.update(case=case, batching='in-process', round=r)
+        print(json.dumps(s), flush=True)
+        rows.setdefault((case, 'in-process'), []).append(s)
+  finally:
+    for proc, _ in servers.values():
+      proc.terminate()
+    for proc, _ in servers.values():
+      proc.wait(timeout=120)
+
+  def cell(values, fmt):
+    med = statistics.median(values)
+    return f'{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})'
+
+  print(f'\nMedian (min-max) over {args.rounds} rounds of {args.seconds:g} s:\n')
+  print('| case | server | clients | req/s | img/s | p50 ms | p99 ms | errors |')
+  print('|---|---|---|---|---|---|---|---|')
+  for (case, mode), ss in rows.items():
+    if mode == 'in-process':
+      print(f'| {case} | in-process signature | 1 | {cell([s["calls_s"] for s in ss], "{:.0f}")} '
+            f'| {cell([s["img_s"] for s in ss], "{:.0f}")} | | | |')
+    else:
+      print(f'| {case} | batching {mode} | {ss[0]["clients"]} | '
+            f'{cell([s["req_s"] for s in ss], "{:.0f}")} | '
+            f'{cell([s["img_s"] for s in ss], "{:.0f}")} | '
+            f'{cell([s["p50_ms"] for s in ss], "{:.1f}")} | '
+            f'{cell([s["p99_ms"] for s in ss], "{:.1f}")} | {sum(s["errors"] for s in ss)} |')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -14,7 +14,8 @@ each returning probabilities float32 [None, K], confidence float32 [None] (max s
 predicted_class int32 [None] and accepted bool [None] (confidence >= threshold). The threshold is
 the variable `threshold` of the SavedModel, changed after loading with `set_threshold(t)`; the
 metadata (class names, input ranges, the threshold and how it was chosen, the accept rates, the
-training config and final metrics) is the asset assets/metadata.json.
+training config and final metrics) is the asset assets/metadata.json. The version is saved beside
+its final path, marked complete (serving_layout.MANIFEST, written last) and renamed into place.
 
 `main` only parses flags; the work is `export_model(...)`, which tests call.
 """

@@ -593,24 +593,27 @@ def freeze_gc():
 
 
 def create_app(export_dir, model_name, *, version=None, threshold=None, max_body_bytes=16 << 20,
-               max_batch_size=1024, keep_versions=1, poll_interval_s=0.0, batching=None):
+               max_batch_size=1024, keep_versions=1, poll_interval_s=0.0, batching=None,
+               tune_gc=False):
   """Loads the export and returns its RestApp (a WSGI callable).
 
   version: serve only this version (no watching); otherwise the newest `keep_versions`, polled
   every `poll_interval_s` seconds (0: loaded once). batching: None, or a dict of
   serving_batcher.Batcher's arguments (max_batch_size, batch_timeout_micros, num_batch_threads,
-  max_enqueued_batches).
+  max_enqueued_batches). tune_gc: freeze_gc() after each load (process-wide, so for the server
+  binary, not for a library caller).
   """
+  after_load = freeze_gc if tune_gc else (lambda: None)
   metrics = serving_metrics.ServingMetrics()
   if version is not None:
     versions = _SingleVersion(ServedModel(export_dir, version=version, threshold=threshold))
     metrics.observe_versions({version: ('AVAILABLE', '')})
-    freeze_gc()
+    after_load()
   else:
     versions = serving_versions.ModelVersions(
         export_dir, functools.partial(ServedModel.from_version_dir, threshold=threshold),
         keep=keep_versions, poll_interval_s=poll_interval_s,
-        on_change=lambda states: (metrics.observe_versions(states), freeze_gc()))
+        on_change=lambda states: (metrics.observe_versions(states), after_load()))
   rest = RestApp(versions, model_name, max_body_bytes=max_body_bytes,
                  max_batch_size=max_batch_size, metrics=metrics)
   if batching is not None:
@@ -705,7 +708,8 @@ def main(argv):
   rest = create_app(f.export_dir, f.model_name, threshold=f.threshold,
                     max_body_bytes=f.max_body_bytes, max_batch_size=f.max_batch_size,
                     keep_versions=f.keep_versions,
-                    poll_interval_s=f.file_system_poll_wait_seconds, batching=batching)
+                    poll_interval_s=f.file_system_poll_wait_seconds, batching=batching,
+                    tune_gc=True)
   model = rest.model
   serve(rest, f.host, f.port, num_threads=f.num_http_threads,
         socket_timeout_s=f.socket_timeout_seconds, on_stop=lambda: close_app(rest),

@@ -4,8 +4,9 @@ ModelVersions polls the export base directory every poll_interval_s seconds, loa
 complete version (serving_layout.incomplete_reason is None: a half-written or half-copied
 directory is never loaded) among the newest `keep`, then swaps the served set in one assignment:
 a request that already holds a version finishes on it, later ones get the new set. A version is
-unloaded only once a newer one is available (availability first); a version that fails to load
-is reported with its error and not retried.
+unloaded only once a newer one is available (availability first), or when it leaves the disk (an
+older complete one is then loaded again); a version that fails to load is reported with its error
+and not retried.
 
 States as TF Serving's ModelVersionStatus: LOADING, AVAILABLE, UNLOADING, END.
 """
@@ -41,6 +42,7 @@ class ModelVersions:
     self._on_change = on_change or (lambda states: None)
     self._models = {}  # version -> model; replaced, never mutated, so readers need no lock.
     self._states = {}  # version -> (state, error message or '').
+    self._failed = set()  # Versions that failed to load: not retried.
     self._lock = threading.Lock()  # One poll at a time.
     self._stop = threading.Event()
     self.poll()
@@ -60,7 +62,7 @@ class ModelVersions:
     """One look at the export directory: load new versions, swap, unload old ones."""
     with self._lock:
       complete = serving_layout.complete_versions(self.export_dir)
-      wanted = [v for v in complete[::-1] if self._states.get(v, ('',))[0] != 'END'][:self.keep]
+      wanted = [v for v in complete[::-1] if v not in self._failed][:self.keep]
       changed = False
       loaded = dict(self._models)
       for version in sorted(wanted):
@@ -73,6 +75,7 @@ class ModelVersions:
           logging.info('Loaded version %d of %s.', version, self.export_dir)
         except Exception as e:  # pylint: disable=broad-except
           self._states[version] = ('END', f'{type(e).__name__}: {e}')
+          self._failed.add(version)
           logging.exception('Version %d of %s failed to load.', version, self.export_dir)
         changed = True
       # Keep the newest `keep` that loaded; a version gone from disk is unloaded.

@@ -716,3 +716,60 @@ def test_load_test_tool_reports_every_case_without_errors(run):
   assert served == {(c, m) for c in ('b1', 'b64', 'b64png') for m in ('off', 'on')}
   assert all(s['errors'] == 0 and s['requests'] > 0 for s in lines if 'requests' in s)
   assert '| b64png | batching on |' in proc.stdout
+
+
+def _fake_version(export_dir, version, *, complete=True):
+  path = os.path.join(export_dir, str(version))
+  os.makedirs(os.path.join(path, 'variables'))
+  for rel in ('saved_model.pb', 'variables/variables.index'):
+    with open(os.path.join(path, rel), 'w') as f:
+      f.write(f'version {version}')
+  serving_layout.write_manifest(path)
+  if not complete:  # As if still being copied: a listed file is shorter than the manifest says.
+    with open(os.path.join(path, 'saved_model.pb'), 'w') as f:
+      f.write('v')
+
+
+class _FakeModel:
+  def __init__(self, path):
+    if os.path.exists(os.path.join(path, 'broken')):
+      raise ValueError('cannot load this one')
+    self.version = int(os.path.basename(path))
+
+
+def test_versions_keep_the_newest_complete_ones_and_report_states(tmp_path):
+  from acet_tf import serving_versions  # pylint: disable=g-import-not-at-top
+  for v in (1, 2, 3):
+    _fake_version(tmp_path, v)
+  versions = serving_versions.ModelVersions(str(tmp_path), _FakeModel, keep=2)
+  assert versions.versions == [2, 3] and versions.get().version == 3
+  assert versions.get(2).version == 2
+  with pytest.raises(serving_versions.VersionNotFoundError, match=r'serves version\(s\) \[2, 3\]'):
+    versions.get(1)
+  _fake_version(tmp_path, 4, complete=False)
+  assert serving_layout.incomplete_reason(str(tmp_path / '4')) == (
+      'saved_model.pb has 1 of 9 bytes')
+  _fake_version(tmp_path, 5)
+  (tmp_path / '5' / 'broken').write_text('')
+  versions.poll()
+  assert versions.versions == [2, 3]  # 4 is incomplete, 5 failed: 3 and 2 stay.
+  states = {s['version']: (s['state'], s['status']['error_message'])
+            for s in versions.status()}
+  assert states == {'5': ('END', 'ValueError: cannot load this one'), '3': ('AVAILABLE', ''),
+                    '2': ('AVAILABLE', '')}
+  _fake_version(tmp_path, 6)
+  versions.poll()
+  assert versions.versions == [3, 6]
+  assert versions.status(2) == [{'version': '2', 'state': 'END',
+                                 'status': {'error_code': 'OK', 'error_message': ''}}]
+  shutil.rmtree(tmp_path / '6')
+  shutil.rmtree(tmp_path / '3')
+  versions.poll()  # Versions gone from disk are unloaded; the newest two left come back.
+  assert versions.versions == [1, 2] and versions.status(1)[0]['state'] == 'AVAILABLE'
+  shutil.rmtree(tmp_path / '2')
+  shutil.rmtree(tmp_path / '1')
+  versions.poll()
+  with pytest.raises(serving_versions.VersionNotFoundError, match='No version is served'):
+    versions.get()
+  with pytest.raises(FileNotFoundError, match='No complete version could be loaded'):
+    serving_versions.ModelVersions(str(tmp_path / 'none'), _FakeModel)

@@ -27,6 +27,7 @@ from acet_tf import export
 from acet_tf import serve
 from acet_tf import serving_batcher
 from acet_tf import serving_layout
+from acet_tf import serving_versions
 from tests import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -738,7 +739,6 @@ class _FakeModel:
 
 
 def test_versions_keep_the_newest_complete_ones_and_report_states(tmp_path):
-  from acet_tf import serving_versions  # pylint: disable=g-import-not-at-top
   for v in (1, 2, 3):
     _fake_version(tmp_path, v)
   versions = serving_versions.ModelVersions(str(tmp_path), _FakeModel, keep=2)

@@ -11,7 +11,9 @@ by default), with the signatures
   serving_image_bytes  image_bytes string [None]: encoded PNG, JPEG, GIF or BMP files, decoded in
                    the graph (decode_images: the model's channels, its H x W, pixel / 255)
 each returning probabilities float32 [None, K], confidence float32 [None] (max softmax),
-predicted_class int32 [None] and accepted bool [None] (confidence >= threshold). The threshold is
+predicted_class int32 [None], class_name string [None] (the name of predicted_class: the dataset's
+class names, e.g. the folder names of a folder: dataset) and accepted bool [None]
+(confidence >= threshold). The threshold is
 the variable `threshold` of the SavedModel, changed after loading with `set_threshold(t)`; the
 metadata (class names, input ranges, the threshold and how it was chosen, the accept rates, the
 training config and final metrics) is the asset assets/metadata.json.
@@ -39,7 +41,7 @@ from acet_tf import serving_layout
 
 METADATA_FILENAME = 'metadata.json'
 SIGNATURES = ('serving_default', 'serving_uint8', 'with_threshold', 'serving_image_bytes')
-OUTPUTS = ('probabilities', 'confidence', 'predicted_class', 'accepted')
+OUTPUTS = ('probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted')
 # Inclusive value range of each signature input; the server checks requests against these.
 INPUT_RANGES = {
     'serving_default': {'images': (0.0, 1.0)},
@@ -109,9 +111,11 @@ class AbstainingClassifier(tf.Module):
   the tf.functions of SIGNATURES and `set_threshold(t)`.
   """
 
-  def __init__(self, model, image_shape, threshold):
+  def __init__(self, model, image_shape, threshold, class_names):
     super().__init__(name='abstaining_classifier')
     self.model = model
+    # A constant in the graph, so TF Serving returns the names with no lookup on the client.
+    names = tf.constant([str(n) for n in class_names], tf.string)
     self.threshold = tf.Variable(float(threshold), dtype=tf.float32, trainable=False,
                                  name='threshold')
     shape = [None] + list(image_shape)
@@ -130,10 +134,12 @@ class AbstainingClassifier(tf.Module):
       tf.debugging.assert_less_equal(images, 1.0, 'images must be in [0, 1]')
       probs = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
       confidence = tf.reduce_max(probs, axis=1)
+      predicted = tf.argmax(probs, axis=1, output_type=tf.int32)
       return {
           'probabilities': probs,
           'confidence': confidence,
-          'predicted_class': tf.argmax(probs, axis=1, output_type=tf.int32),
+          'predicted_class': predicted,
+          'class_name': tf.gather(names, predicted),
           'accepted': confidence >= threshold,
       }
 
@@ -238,7 +244,7 @@ def measure_sets(model, config, num_examples, adv_noise_examples, info=None):
   if info is None or info.has_data:
     test = list(input_pipeline.eval_dataset(
         config.dataset, 'test', config.eval.batch_size, data_dir=config.data_dir or None,
-        max_examples=num_examples))
+        max_examples=num_examples, options=input_pipeline.options_from_config(config)))
     sets = {'test': test}
   else:  # Zero images as the noise source; with no permuted share their content is never read.
     size = config.eval.batch_size
@@ -398,7 +404,7 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
   # Saved beside the final path and renamed when complete, so a server watching export_dir
   # (TensorFlow Serving does) never loads a half-written version.
   tmp_path = os.path.join(export_dir, f'.tmp-{version}-{os.getpid()}')
-  module = AbstainingClassifier(model, info.image_shape, value)
+  module = AbstainingClassifier(model, info.image_shape, value, info.class_names)
   try:
     with tempfile.TemporaryDirectory() as tmp:
       asset = os.path.join(tmp, METADATA_FILENAME)

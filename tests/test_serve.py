@@ -122,9 +122,9 @@ def test_status_and_metadata(run, server):
   assert defs['serving_uint8']['inputs']['images']['dtype'] == 'DT_UINT8'
   assert defs['serving_image_bytes']['inputs']['image_bytes']['dtype'] == 'DT_STRING'
   assert sorted(defs['serving_image_bytes']['outputs']) == sorted(
-      ['probabilities', 'confidence', 'predicted_class', 'accepted'])
+      ['probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted'])
   assert sorted(defs['serving_default']['outputs']) == sorted(
-      ['probabilities', 'confidence', 'predicted_class', 'accepted'])
+      ['probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted'])
   acet = meta['metadata']['acet_tf']
   assert acet['class_names'] == [str(k) for k in range(10)]
   assert acet['threshold']['current'] == pytest.approx(run['metadata']['threshold']['value'])

@@ -8,7 +8,7 @@ folder:PATH  One sub-folder per class (Keras' image_dataset_from_directory layou
              recursively for .png/.jpg/.jpeg/.bmp/.gif (a GIF gives its first frame); other files
              are ignored. Class names are the sub-folder names, sorted. PATH/train and PATH/test
              (both) give the splits; else each class is split with a fixed seed, test_fraction of
-             it (rounded, at least one image left for training) going to the test split.
+             it (rounded; at least one image, and one left for training) going to the test split.
 npz:PATH     numpy arrays x_train, y_train, x_test, y_test; images [N, H, W] or [N, H, W, C],
              uint8 in 0..255 (or another integer type in that range) or float in [0, 1]; labels
              integers [N] or [N, 1] in 0..K-1. K is len(class_names) if the file has a string array
@@ -222,14 +222,15 @@ def _load_folder(path, options):
     train_classes, test_classes = {}, {}
     for name, files in classes.items():
       order = rng.permutation(len(files))
-      n_test = min(int(round(options.test_fraction * len(files))), len(files) - 1)
+      # At least one test image per class that has two, and always one left for training.
+      n_test = min(max(int(round(options.test_fraction * len(files))), 1), len(files) - 1)
       test_classes[name] = [files[i] for i in sorted(order[:n_test])]
       train_classes[name] = [files[i] for i in sorted(order[n_test:])]
   x_train, y_train, f_train = _read_classes(train_classes, names)
   x_test, y_test, f_test = _read_classes(test_classes, names)
   if not len(y_test):
-    raise DatasetError(f'{path}: no image is left for the test split (every class has one image); '
-                       'add images, or give train/ and test/ folders.')
+    raise DatasetError(f'{path}: no image is left for the test split (every class has only one '
+                       'image); add images, or give train/ and test/ folders.')
   x = _convert_all(x_train + x_test, f_train + f_test, options, path)
   splits = []
   for images, labels in ((x[:len(y_train)], y_train), (x[len(y_train):], y_test)):

@@ -295,8 +295,10 @@ def _test_rates(test, threshold):
   return rates
 
 
-def demo_request(sets, per_kind):
+def demo_request(sets, per_kind, class_names=None):
   """A REST request for acet_tf.serve with `per_kind` images of each set, plus their descriptions.
+
+  Test images are described by their label's name in `class_names` if given.
 
   Returns {'signature_name', 'instances': float [n, H, W, C] lists, 'descriptions': [n] str};
   tools/client.py sends all but 'descriptions'. Floats are float32 values written exactly.
@@ -309,7 +311,8 @@ def demo_request(sets, per_kind):
       raise ValueError(f'demo_examples={per_kind} but only {len(images)} {name} images were made.')
     instances.extend(images[:per_kind].tolist())
     if name == 'test':
-      descriptions += [f'test image, label {y}' for y in pred.labels[:per_kind]]
+      descriptions += [f'test image, label {class_names[y] if class_names else y}'
+                       for y in pred.labels[:per_kind]]
     else:
       descriptions += [f'{name} image {i}' for i in range(per_kind)]
   return {'signature_name': 'serving_default', 'instances': instances,
@@ -425,7 +428,7 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
                json.dumps(metadata['threshold']['accept_rates']))
   if demo_request_path:
     with tf.io.gfile.GFile(demo_request_path, 'w') as f:
-      json.dump(demo_request(sets, demo_examples), f)
+      json.dump(demo_request(sets, demo_examples, info.class_names), f)
     logging.info('Wrote a demo request to %s.', demo_request_path)
   return final_path, metadata
 

@@ -100,6 +100,7 @@ def assert_matches(rows, want_and_threshold):
   np.testing.assert_allclose([r['probabilities'] for r in rows], want['probabilities'], atol=1e-5)
   np.testing.assert_allclose(conf, want['confidence'], atol=1e-5)
   assert [r['predicted_class'] for r in rows] == want['predicted_class'].tolist()
+  assert [r['class_name'] for r in rows] == [str(k) for k in want['predicted_class']]  # mnist5k.
   accepted = np.array([r['accepted'] for r in rows])
   np.testing.assert_array_equal(accepted, conf >= np.float32(threshold))
   # Keras on another batch size may differ in the last bits: compare only clear-cut cases.

@@ -15,8 +15,9 @@ npz:PATH     numpy arrays x_train, y_train, x_test, y_test; images [N, H, W] or 
              `class_names`, else 1 + the largest training label.
 
 Images: alpha channels are dropped; `channels` 1 or 3 converts (RGB -> grey is the channel mean,
-grey -> RGB repeats it), 0 keeps 1 if every image is grey, else 3. `image_size` S > 0 resizes every image to S x S (bilinear with antialiasing,
-the aspect ratio is not kept); 0 requires all images to have one size.
+grey -> RGB repeats it), 0 keeps 1 if every image is grey, else 3. `image_size` S > 0 resizes
+every image to S x S (bilinear with antialiasing, the aspect ratio is not kept); 0 requires all
+images to have one size.
 """
 import dataclasses
 import functools

@@ -134,16 +134,17 @@ def test_folder_train_stream_resumes_exactly_and_shards(tmp_path):
   make_folder(root, ['a', 'b', 'c'], per_class=10, formats=('png',))
   name = f'folder:{root}'
   info = input_pipeline.get_info(name)
-  config = test_input_pipeline._config(4, crop_padding=2, flip=True, dataset=name)  # pylint: disable=protected-access
-  full = test_input_pipeline._batches(input_pipeline.train_dataset(config, info), 14)  # pylint: disable=protected-access
+  pipeline = test_input_pipeline  # Its helpers: _config, _batches, _pipeline_streams, ...
+  config = pipeline._config(4, crop_padding=2, flip=True, dataset=name)  # pylint: disable=protected-access
+  full = pipeline._batches(input_pipeline.train_dataset(config, info), 14)  # pylint: disable=protected-access
   for k in (3, 6, 9):  # 6 steps per epoch: inside, at and past the first boundary.
-    resumed = test_input_pipeline._batches(  # pylint: disable=protected-access
+    resumed = pipeline._batches(  # pylint: disable=protected-access
         input_pipeline.train_dataset(config, info, start_step=k), 14 - k)
     for a, b in zip(full[k:], resumed):
       np.testing.assert_array_equal(a[0], b[0])
       np.testing.assert_array_equal(a[1], b[1])
-  streams, single = test_input_pipeline._pipeline_streams(config, info, 6)  # pylint: disable=protected-access
-  test_input_pipeline._assert_pipelines_split_the_global_batches(streams, single)  # pylint: disable=protected-access
+  streams, single = pipeline._pipeline_streams(config, info, 6)  # pylint: disable=protected-access
+  pipeline._assert_pipelines_split_the_global_batches(streams, single)  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +206,8 @@ def test_bad_npz_files_are_named(tmp_path):
   with pytest.raises(input_pipeline.DatasetError, match='cannot read .*junk.npz as an .npz'):
     input_pipeline.get_info(f'npz:{tmp_path / "junk.npz"}')
   np.savez(tmp_path / 'partial.npz', x_train=np.zeros((2, 3, 3), np.uint8))
-  with pytest.raises(input_pipeline.DatasetError, match=r"partial.npz lacks the arrays \['y_train'"):
+  with pytest.raises(input_pipeline.DatasetError,
+                     match=r"partial.npz lacks the arrays \['y_train'"):
     input_pipeline.get_info(f'npz:{tmp_path / "partial.npz"}')
   x = np.full((4, 3, 3), 2.0)
   name = _npz(tmp_path / 'range.npz', x, [0, 1, 0, 1], x[:2], [0, 1])

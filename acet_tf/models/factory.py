@@ -95,8 +95,9 @@ def check_model(model, name, input_shape, num_classes):
   try:
     out = model(probe, training=False)
   except Exception as e:  # Whatever the user's model raises on the images.
-    raise ModelCheckError(f'model {name!r} fails on a batch of images [2, {", ".join(map(str, shape))}]:'
-                          f' {type(e).__name__}: {e}') from e
+    dims = ', '.join(map(str, shape))
+    raise ModelCheckError(f'model {name!r} fails on a batch of images [2, {dims}]: '
+                          f'{type(e).__name__}: {e}') from e
   if isinstance(out, (list, tuple, dict)):
     raise ModelCheckError(f'model {name!r} returns a {type(out).__name__}; it must return one '
                           f'tensor of logits [B, {k}].')

@@ -4,13 +4,13 @@ import re
 
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from acet_tf import custom_data
 from acet_tf import input_pipeline
-from acet_tf import train
+from acet_tf import trainer
 from configs import custom
 from tests import test_input_pipeline
 
@@ -225,7 +225,7 @@ def test_too_few_examples_for_a_batch_fails_before_training(tmp_path):
   config.batch_size = 16
   with pytest.raises(ValueError, match=f'Too few examples for a batch: .* 8 training examples '
                                        f'of folder:{root}'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 

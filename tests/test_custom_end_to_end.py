@@ -16,7 +16,7 @@ from acet_tf import evaluate
 from acet_tf import export
 from acet_tf import input_pipeline
 from acet_tf import serve
-from acet_tf import train
+from acet_tf import trainer
 from configs import custom
 from tools import make_image_folder
 
@@ -30,7 +30,7 @@ def train_evaluate_export(tmp_path, arg):
   config.strategy = 'one_device'
   config.eval.every_steps = 1000  # Only the final evaluation.
   workdir, export_dir = str(tmp_path / 'run'), str(tmp_path / 'export')
-  final = train.train_and_evaluate(config, workdir)
+  final = trainer.train_and_evaluate(config, workdir)
   assert final['step'] == config.num_train_steps
   settings = evaluate.Settings(sets=('noise', 'adv_noise'), max_examples=16, batch_size=16,
                                adv_noise_steps=2)

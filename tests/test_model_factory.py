@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from acet_tf import models
-from acet_tf import train
+from acet_tf import trainer
 from configs import custom
 
 SHAPE = (16, 16, 3)
@@ -68,8 +68,8 @@ def test_train_checks_the_factory_before_the_first_step(tmp_path):
   config = custom.get_config(f'plain,data=folder:{root},model={HELPERS}:wrong_classes,runlocal')
   config.strategy = 'one_device'
   with pytest.raises(models.ModelCheckError, match=r'must return logits \[B, 3\]'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   config.model = 'bad name'
   with pytest.raises(ValueError, match='Bad config: model: Unknown model'):
-    train.validate_config(config)
+    trainer.validate_config(config)

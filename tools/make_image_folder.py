@@ -1,6 +1,6 @@
 """Writes a small labelled image folder (or .npz) to try `folder:PATH` / `npz:PATH` datasets.
 
-  python tools/make_image_folder.py --out=data/shapes --per_class=60 --size=28
+  python -m tools.make_image_folder --out=data/shapes --per_class=60 --size=28
 
 Three classes of RGB pictures, one sub-folder each (circle/, square/, triangle/): a bright shape
 of random size, place and colour on a dark noisy background, every other image a PNG, the others

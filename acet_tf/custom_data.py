@@ -19,6 +19,7 @@ grey -> RGB repeats it), 0 keeps 1 if every image is grey, else 3. `image_size` 
 every image to S x S (bilinear with antialiasing, the aspect ratio is not kept); 0 requires all
 images to have one size.
 """
+
 import dataclasses
 import functools
 import os
@@ -39,6 +40,7 @@ class DatasetError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Options:
   """How a folder or npz dataset is turned into images (config keys of the same names)."""
+
   image_size: int = 0  # S > 0: resize to S x S; 0: keep (all images must then have one size).
   channels: int = 0  # 1 or 3; 0: 1 if every image is grey, else 3.
   test_fraction: float = 0.2  # Share of each class in the test split (folders without test/).
@@ -59,6 +61,7 @@ def is_custom(name):
 @dataclasses.dataclass(frozen=True)
 class Arrays:
   """A loaded dataset: images uint8 [N, H, W, C] (or float32 in [0, 1]), labels int32 [N]."""
+
   train: tuple[np.ndarray, np.ndarray]
   test: tuple[np.ndarray, np.ndarray]
   class_names: tuple[str, ...]
@@ -70,7 +73,7 @@ def load(name, options):
   if not path:
     raise DatasetError(f"dataset {name!r}: give a path after '{kind}:'.")
   if not os.path.exists(path):
-    raise DatasetError(f"dataset {name!r}: {path} does not exist.")
+    raise DatasetError(f'dataset {name!r}: {path} does not exist.')
   return _load_cached(kind, path, options, _fingerprint(path))
 
 
@@ -119,8 +122,9 @@ def _convert(image, channels, size):
     else:  # The channel mean, as out_datasets.to_image_shape does.
       image = image.astype(np.float32).mean(axis=-1, keepdims=True)
   if size and tuple(image.shape[:2]) != (size, size):
-    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method='bilinear',
-                            antialias=True).numpy()
+    image = tf.image.resize(
+      tf.cast(image, tf.float32), (size, size), method='bilinear', antialias=True
+    ).numpy()
   if dtype == np.uint8:
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
   return np.clip(image, 0.0, 1.0).astype(np.float32)
@@ -137,9 +141,10 @@ def _convert_all(images, files, options, where):
     if len(shapes) > 1:
       (s1, f1), (s2, f2) = list(shapes.items())[:2]
       raise DatasetError(
-          f'{where}: images of mixed sizes, e.g. {f1} is {s1[0]}x{s1[1]} and {f2} is '
-          f'{s2[0]}x{s2[1]} (height x width); set image_size (config.image_size=S) to resize '
-          'them all to S x S.')
+        f'{where}: images of mixed sizes, e.g. {f1} is {s1[0]}x{s1[1]} and {f2} is '
+        f'{s2[0]}x{s2[1]} (height x width); set image_size (config.image_size=S) to resize '
+        'them all to S x S.'
+      )
   return np.stack([_convert(x, channels, options.image_size) for x in images])
 
 
@@ -152,12 +157,17 @@ def _class_files(root):
   """{class name: sorted image paths} for the sub-folders of `root`, sorted by name."""
   if not os.path.isdir(root):
     raise DatasetError(f'{root} is not a folder (folder:PATH wants one sub-folder per class).')
-  stray = sorted(f for f in os.listdir(root) if f.lower().endswith(IMAGE_EXTENSIONS)
-                 and os.path.isfile(os.path.join(root, f)))
+  stray = sorted(
+    f
+    for f in os.listdir(root)
+    if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, f))
+  )
   if stray:
-    raise DatasetError(f'{root} has images outside any class folder, e.g. '
-                       f'{os.path.join(root, stray[0])}: put each image in the sub-folder of its '
-                       'class.')
+    raise DatasetError(
+      f'{root} has images outside any class folder, e.g. '
+      f'{os.path.join(root, stray[0])}: put each image in the sub-folder of its '
+      'class.'
+    )
   classes = {}
   for name in sorted(os.listdir(root)):
     folder = os.path.join(root, name)
@@ -166,15 +176,22 @@ def _class_files(root):
     files = []
     for parent, dirs, names in os.walk(folder):
       dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-      files += [os.path.join(parent, f) for f in sorted(names)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
+      files += [
+        os.path.join(parent, f)
+        for f in sorted(names)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')
+      ]
     if not files:
-      raise DatasetError(f'class folder {folder} is empty: it has no {"/".join(IMAGE_EXTENSIONS)} '
-                         'files. Remove it or add images.')
+      raise DatasetError(
+        f'class folder {folder} is empty: it has no {"/".join(IMAGE_EXTENSIONS)} '
+        'files. Remove it or add images.'
+      )
     classes[name] = files
   if len(classes) < 2:
-    raise DatasetError(f'{root} has {len(classes)} class folder(s) {sorted(classes)}; a classifier '
-                       'needs at least 2 (one sub-folder of images per class).')
+    raise DatasetError(
+      f'{root} has {len(classes)} class folder(s) {sorted(classes)}; a classifier '
+      'needs at least 2 (one sub-folder of images per class).'
+    )
   return classes
 
 
@@ -205,9 +222,10 @@ def _load_folder(path, options):
   has_train, has_test = (os.path.isdir(os.path.join(path, s)) for s in ('train', 'test'))
   if has_train != has_test:
     raise DatasetError(
-        f"{path} has a '{'train' if has_train else 'test'}' folder but no "
-        f"'{'test' if has_train else 'train'}' folder: give both (each with one sub-folder per "
-        'class), or only class folders (then a stratified split is made).')
+      f"{path} has a '{'train' if has_train else 'test'}' folder but no "
+      f"'{'test' if has_train else 'train'}' folder: give both (each with one sub-folder per "
+      'class), or only class folders (then a stratified split is made).'
+    )
   rng = np.random.default_rng(_SPLIT_SEED)
   if has_train:
     train_classes = _class_files(os.path.join(path, 'train'))
@@ -215,8 +233,10 @@ def _load_folder(path, options):
     names = tuple(train_classes)
     unknown = sorted(set(test_classes) - set(names))
     if unknown:
-      raise DatasetError(f'{path}/test has class folders {unknown} that {path}/train lacks; the '
-                         f'training classes are {list(names)}.')
+      raise DatasetError(
+        f'{path}/test has class folders {unknown} that {path}/train lacks; the '
+        f'training classes are {list(names)}.'
+      )
   else:
     classes = _class_files(path)
     names = tuple(classes)
@@ -230,11 +250,13 @@ def _load_folder(path, options):
   x_train, y_train, f_train = _read_classes(train_classes, names)
   x_test, y_test, f_test = _read_classes(test_classes, names)
   if not len(y_test):
-    raise DatasetError(f'{path}: no image is left for the test split (every class has only one '
-                       'image); add images, or give train/ and test/ folders.')
+    raise DatasetError(
+      f'{path}: no image is left for the test split (every class has only one '
+      'image); add images, or give train/ and test/ folders.'
+    )
   x = _convert_all(x_train + x_test, f_train + f_test, options, path)
   splits = []
-  for images, labels in ((x[:len(y_train)], y_train), (x[len(y_train):], y_test)):
+  for images, labels in ((x[: len(y_train)], y_train), (x[len(y_train) :], y_test)):
     # Files come sorted by class; one fixed shuffle lets any prefix (and the shuffle buffer) see
     # every class.
     order = rng.permutation(len(labels))
@@ -252,29 +274,36 @@ def _npz_images(path, key, x):
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or x.shape[-1] not in (1, 2, 3, 4):
-    raise DatasetError(f'{path}: {key} has shape {list(x.shape)}; expected [N, H, W] or '
-                       '[N, H, W, C] with C in 1..4.')
+    raise DatasetError(
+      f'{path}: {key} has shape {list(x.shape)}; expected [N, H, W] or [N, H, W, C] with C in 1..4.'
+    )
   if x.dtype.kind == 'f':
     if not np.isfinite(x).all() or x.min(initial=0) < 0 or x.max(initial=0) > 1:
-      raise DatasetError(f'{path}: {key} is float with values in [{np.nanmin(x):g}, '
-                         f'{np.nanmax(x):g}] or not finite; float images must be in [0, 1] '
-                         '(pixel / 255), or store uint8 in 0..255.')
+      raise DatasetError(
+        f'{path}: {key} is float with values in [{np.nanmin(x):g}, '
+        f'{np.nanmax(x):g}] or not finite; float images must be in [0, 1] '
+        '(pixel / 255), or store uint8 in 0..255.'
+      )
     return x.astype(np.float32)
   if x.dtype.kind in 'iu':
     if x.size and (x.min() < 0 or x.max() > 255):
-      raise DatasetError(f'{path}: {key} has integer values in [{x.min()}, {x.max()}]; integer '
-                         'images must be in 0..255.')
+      raise DatasetError(
+        f'{path}: {key} has integer values in [{x.min()}, {x.max()}]; integer '
+        'images must be in 0..255.'
+      )
     return x.astype(np.uint8)
-  raise DatasetError(f'{path}: {key} has dtype {x.dtype}; expected uint8 0..255 or float in '
-                     '[0, 1].')
+  raise DatasetError(
+    f'{path}: {key} has dtype {x.dtype}; expected uint8 0..255 or float in [0, 1].'
+  )
 
 
 def _npz_labels(path, key, y, n):
   if y.ndim == 2 and y.shape[1] == 1:
     y = y[:, 0]
   if y.ndim != 1 or len(y) != n:
-    raise DatasetError(f'{path}: {key} has shape {list(y.shape)}; expected [{n}] (one integer '
-                       'label per image).')
+    raise DatasetError(
+      f'{path}: {key} has shape {list(y.shape)}; expected [{n}] (one integer label per image).'
+    )
   if y.dtype.kind == 'f' and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
     y = y.astype(np.int64)
   if y.dtype.kind not in 'iu':
@@ -307,13 +336,17 @@ def _load_npz(path, options):
   for key, y in (('y_train', y_train), ('y_test', y_test)):
     bad = np.flatnonzero((y < 0) | (y >= k))
     if bad.size:
-      raise DatasetError(f'{path}: {key}[{bad[0]}] = {y[bad[0]]} is out of range: labels must be '
-                         f'in 0..{k - 1} ({source}); {bad.size} label(s) are outside.')
+      raise DatasetError(
+        f'{path}: {key}[{bad[0]}] = {y[bad[0]]} is out of range: labels must be '
+        f'in 0..{k - 1} ({source}); {bad.size} label(s) are outside.'
+      )
   counts = np.bincount(y_train, minlength=k)
   if (counts == 0).any():
     empty = int(np.flatnonzero(counts == 0)[0])
-    raise DatasetError(f'{path}: class {empty} ({names[empty]!r}) is empty: y_train has no '
-                       f'label {empty}; every one of the {k} classes needs training images.')
+    raise DatasetError(
+      f'{path}: class {empty} ({names[empty]!r}) is empty: y_train has no '
+      f'label {empty}; every one of the {k} classes needs training images.'
+    )
   splits = []
   for key, x, y in (('x_train', x_train, y_train), ('x_test', x_test, y_test)):
     files = [f'{path}[{key}][{i}]' for i in range(len(x))]
@@ -322,6 +355,8 @@ def _load_npz(path, options):
     splits.append((x, y.astype(np.int32)))
   (x_train, y_train), (x_test, y_test) = splits
   if x_train.shape[1:] != x_test.shape[1:]:
-    raise DatasetError(f'{path}: x_train images are {list(x_train.shape[1:])} but x_test images '
-                       f'are {list(x_test.shape[1:])}; set image_size/channels to convert both.')
+    raise DatasetError(
+      f'{path}: x_train images are {list(x_train.shape[1:])} but x_test images '
+      f'are {list(x_test.shape[1:])}; set image_size/channels to convert both.'
+    )
   return Arrays(train=(x_train, y_train), test=(x_test, y_test), class_names=names)

@@ -19,15 +19,28 @@ momentum, rate 0.1); LeNet and your own models with its MNIST recipe (Adam, 1e-3
 choice for an architecture the recipe was not tuned on. Everything else is configs/common.py's
 base_config (the paper's noise and 40-step PGD), changeable with --config.KEY=VALUE.
 """
+
 from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, data='', model='preact_resnet', image_size=0, channels=0,
-                       test_fraction=0.2, epochs=100, batch_size=128, flip=False, runlocal=False)
+  a = common.parse_arg(
+    arg,
+    data='',
+    model='preact_resnet',
+    image_size=0,
+    channels=0,
+    test_fraction=0.2,
+    epochs=100,
+    batch_size=128,
+    flip=False,
+    runlocal=False,
+  )
   if not a.data.startswith(('folder:', 'npz:')):
-    raise ValueError(f"configs/custom.py needs data=folder:PATH or data=npz:PATH, got "
-                     f"{a.data!r} (for the paper's datasets use configs/<dataset>.py).")
+    raise ValueError(
+      f'configs/custom.py needs data=folder:PATH or data=npz:PATH, got '
+      f"{a.data!r} (for the paper's datasets use configs/<dataset>.py)."
+    )
   c = common.base_config(a.method)
   c.dataset = a.data
   c.model = a.model

@@ -2,6 +2,7 @@
 
 Each is factory(input_shape, num_classes) -> keras.Model; all but `small_cnn` break a rule.
 """
+
 import keras
 
 

@@ -1,4 +1,5 @@
 """Your own data: folder:PATH and npz:PATH datasets (acet_tf/custom_data.py via input_pipeline)."""
+
 import os
 import re
 
@@ -60,13 +61,16 @@ def test_folder_class_names_split_and_formats(tmp_path):
   np.testing.assert_array_equal(np.bincount(y_train), [8, 8, 8])
   # Lossless formats come back exactly (pixel / 255), with the label of their folder; every file
   # is in exactly one split.
-  stored = {np.round(x * 255).astype(np.uint8).tobytes(): y
-            for x, y in zip(np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test]))}
+  stored = {
+    np.round(x * 255).astype(np.uint8).tobytes(): y
+    for x, y in zip(np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test]))
+  }
   assert len(stored) == 30
   for path, pixels in written.items():
     if path.endswith(('png', 'bmp')):
-      assert stored[pixels.tobytes()] == info.class_names.index(os.path.basename(
-          os.path.dirname(path)))
+      assert stored[pixels.tobytes()] == info.class_names.index(
+        os.path.basename(os.path.dirname(path))
+      )
   # The first test images cover several classes (one fixed shuffle, not sorted by class).
   assert len(set(y_test[:3])) > 1
   # The split is fixed: a fresh read gives the same arrays.
@@ -113,8 +117,14 @@ def test_npz_uint8_and_float(tmp_path):
   rng = np.random.default_rng(0)
   x = rng.integers(0, 256, (20, 6, 6), dtype=np.uint8)
   y = np.arange(20) % 4
-  name = _npz(tmp_path / 'u8.npz', x[:16], y[:16, None], x[16:], y[16:],
-              class_names=np.array(['w', 'x', 'y', 'z']))
+  name = _npz(
+    tmp_path / 'u8.npz',
+    x[:16],
+    y[:16, None],
+    x[16:],
+    y[16:],
+    class_names=np.array(['w', 'x', 'y', 'z']),
+  )
   info = input_pipeline.get_info(name)
   assert info.class_names == ('w', 'x', 'y', 'z')
   assert info.image_shape == (6, 6, 1) and info.num_train_examples == 16
@@ -139,7 +149,8 @@ def test_folder_train_stream_resumes_exactly_and_shards(tmp_path):
   full = pipeline._batches(input_pipeline.train_dataset(config, info), 14)  # pylint: disable=protected-access
   for k in (3, 6, 9):  # 6 steps per epoch: inside, at and past the first boundary.
     resumed = pipeline._batches(  # pylint: disable=protected-access
-        input_pipeline.train_dataset(config, info, start_step=k), 14 - k)
+      input_pipeline.train_dataset(config, info, start_step=k), 14 - k
+    )
     for a, b in zip(full[k:], resumed):
       np.testing.assert_array_equal(a[0], b[0])
       np.testing.assert_array_equal(a[1], b[1])
@@ -166,8 +177,9 @@ def test_empty_class_names_the_folder(tmp_path):
   root = str(tmp_path / 'data')
   make_folder(root, ['a', 'b'], per_class=3)
   os.makedirs(os.path.join(root, 'c'))
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=f'class folder {os.path.join(root, "c")} is empty'):
+  with pytest.raises(
+    input_pipeline.DatasetError, match=f'class folder {os.path.join(root, "c")} is empty'
+  ):
     input_pipeline.get_info(f'folder:{root}')
   x = np.zeros((6, 4, 4), np.uint8)
   name = _npz(tmp_path / 'gap.npz', x, [0, 0, 2, 2, 0, 2], x[:2], [0, 2])
@@ -191,10 +203,13 @@ def test_mixed_sizes_without_image_size_names_two_files(tmp_path):
 
 def test_labels_out_of_range_name_the_file(tmp_path):
   x = np.zeros((4, 4, 4), np.uint8)
-  name = _npz(tmp_path / 'labels.npz', x, [0, 1, 0, 1], x[:2], [1, 2],
-              class_names=np.array(['no', 'yes']))
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r'labels.npz: y_test\[1\] = 2 is out of range: labels must be in 0..1'):
+  name = _npz(
+    tmp_path / 'labels.npz', x, [0, 1, 0, 1], x[:2], [1, 2], class_names=np.array(['no', 'yes'])
+  )
+  with pytest.raises(
+    input_pipeline.DatasetError,
+    match=r'labels.npz: y_test\[1\] = 2 is out of range: labels must be in 0..1',
+  ):
     input_pipeline.get_info(name)
   name = _npz(tmp_path / 'negative.npz', x, [0, -1, 0, 1], x[:2], [1, 0])
   with pytest.raises(input_pipeline.DatasetError, match=r'negative.npz: y_train\[1\] = -1 is out'):
@@ -206,8 +221,9 @@ def test_bad_npz_files_are_named(tmp_path):
   with pytest.raises(input_pipeline.DatasetError, match='cannot read .*junk.npz as an .npz'):
     input_pipeline.get_info(f'npz:{tmp_path / "junk.npz"}')
   np.savez(tmp_path / 'partial.npz', x_train=np.zeros((2, 3, 3), np.uint8))
-  with pytest.raises(input_pipeline.DatasetError,
-                     match=r"partial.npz lacks the arrays \['y_train'"):
+  with pytest.raises(
+    input_pipeline.DatasetError, match=r"partial.npz lacks the arrays \['y_train'"
+  ):
     input_pipeline.get_info(f'npz:{tmp_path / "partial.npz"}')
   x = np.full((4, 3, 3), 2.0)
   name = _npz(tmp_path / 'range.npz', x, [0, 1, 0, 1], x[:2], [0, 1])
@@ -223,8 +239,9 @@ def test_too_few_examples_for_a_batch_fails_before_training(tmp_path):
   config = custom.get_config(f'plain,data=folder:{root},model=lenet,runlocal')
   config.strategy = 'one_device'
   config.batch_size = 16
-  with pytest.raises(ValueError, match=f'Too few examples for a batch: .* 8 training examples '
-                                       f'of folder:{root}'):
+  with pytest.raises(
+    ValueError, match=f'Too few examples for a batch: .* 8 training examples of folder:{root}'
+  ):
     trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 

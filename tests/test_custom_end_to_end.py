@@ -1,5 +1,6 @@
 """Your own data end to end: train ACET (runlocal), evaluate, export and serve; the served answer
 carries your class names. For a folder of PNG/JPEG images, an .npz file and a model by name."""
+
 import json
 import os
 import re
@@ -32,8 +33,9 @@ def train_evaluate_export(tmp_path, arg):
   workdir, export_dir = str(tmp_path / 'run'), str(tmp_path / 'export')
   final = trainer.train_and_evaluate(config, workdir)
   assert final['step'] == config.num_train_steps
-  settings = evaluate.Settings(sets=('noise', 'adv_noise'), max_examples=16, batch_size=16,
-                               adv_noise_steps=2)
+  settings = evaluate.Settings(
+    sets=('noise', 'adv_noise'), max_examples=16, batch_size=16, adv_noise_steps=2
+  )
   results = evaluate.evaluate_run(settings, workdir=workdir)
   # The evaluation table speaks of the classes by name.
   assert list(results['test']['per_class']) == NAMES
@@ -50,8 +52,13 @@ def train_evaluate_export(tmp_path, arg):
 
 
 def held_out_images(config, n=6):
-  images, labels = next(iter(input_pipeline.eval_dataset(
-      config.dataset, 'test', n, options=input_pipeline.options_from_config(config))))
+  images, labels = next(
+    iter(
+      input_pipeline.eval_dataset(
+        config.dataset, 'test', n, options=input_pipeline.options_from_config(config)
+      )
+    )
+  )
   return images.numpy(), labels.numpy()
 
 
@@ -78,14 +85,25 @@ def test_image_folder_to_served_class_names(tmp_path):
   files = os.listdir(os.path.join(folder, 'circle'))
   assert any(f.endswith('.png') for f in files) and any(f.endswith('.jpg') for f in files)
   export_dir, config = train_evaluate_export(
-      tmp_path, f'acet,data=folder:{folder},model=lenet,runlocal')
+    tmp_path, f'acet,data=folder:{folder},model=lenet,runlocal'
+  )
   images, _ = held_out_images(config)
   # The real server binary over HTTP, as a user would run it.
   log = tmp_path / 'serve.txt'
   with open(log, 'w') as err:
-    proc = subprocess.Popen([sys.executable, '-m', 'acet_tf.serve', f'--export_dir={export_dir}',
-                             '--model_name=shapes', '--port=0'], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=err)
+    proc = subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'acet_tf.serve',
+        f'--export_dir={export_dir}',
+        '--model_name=shapes',
+        '--port=0',
+      ],
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=err,
+    )
   try:
     deadline, port = time.monotonic() + 300, None
     while port is None:
@@ -98,12 +116,15 @@ def test_image_folder_to_served_class_names(tmp_path):
         time.sleep(0.2)
     base = f'http://127.0.0.1:{port}/v1/models/shapes'
     request = urllib.request.Request(
-        f'{base}:predict', data=json.dumps({'instances': images.tolist()}).encode())
+      f'{base}:predict', data=json.dumps({'instances': images.tolist()}).encode()
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
       rows = json.load(response)['predictions']
     u8 = np.round(images * 255).astype(np.uint8)
-    request = urllib.request.Request(f'{base}:predict', data=json.dumps(
-        {'signature_name': 'serving_uint8', 'inputs': u8.tolist()}).encode())
+    request = urllib.request.Request(
+      f'{base}:predict',
+      data=json.dumps({'signature_name': 'serving_uint8', 'inputs': u8.tolist()}).encode(),
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
       columns = json.load(response)['outputs']
   finally:
@@ -131,8 +152,10 @@ def test_model_by_name_to_served_class_names(tmp_path):
   folder = str(tmp_path / 'shapes')
   make_image_folder.write_folder(folder, per_class=16, size=20)
   export_dir, config = train_evaluate_export(
-      tmp_path, f'acet,data=folder:{folder},image_size=16,channels=1,'
-      'model=tests.model_factories:small_cnn,runlocal')
+    tmp_path,
+    f'acet,data=folder:{folder},image_size=16,channels=1,'
+    'model=tests.model_factories:small_cnn,runlocal',
+  )
   images, _ = held_out_images(config)
   assert images.shape[1:] == (16, 16, 1)
   rows = predict_in_process(export_dir, images, signature='serving_default')

@@ -1,4 +1,5 @@
 """config.model = 'package.module:factory' (acet_tf/models/factory.py): checks and warnings."""
+
 import warnings
 
 import numpy as np
@@ -31,20 +32,26 @@ def test_builtin_models_are_piecewise_affine():
 
 
 def test_non_relu_layers_warn_but_build():
-  with pytest.warns(UserWarning, match=r"not piecewise affine: .*activation tanh.*"
-                                       r"LayerNormalization.*Theorem 3.1"):
+  with pytest.warns(
+    UserWarning,
+    match=r'not piecewise affine: .*activation tanh.*'
+    r'LayerNormalization.*Theorem 3.1',
+  ):
     model = _create('tanh_mlp')
   assert tuple(model(np.zeros((2,) + SHAPE, np.float32)).shape) == (2, 3)
 
 
-@pytest.mark.parametrize('factory, message', [
+@pytest.mark.parametrize(
+  'factory, message',
+  [
     ('fixed_input', r'takes inputs of shape \(8, 8, 1\), but the images are \(16, 16, 3\)'),
     ('wrong_classes', r'returns shape \(2, 4\) for 2 images; it must return logits \[B, 3\]'),
     ('softmax_output', 'seems to return probabilities'),
     ('float16_logits', 'returns float16 logits; they must be float32'),
     ('not_a_model', 'returned a str, not a keras.Model'),
     ('NOT_CALLABLE', "has no function 'NOT_CALLABLE'"),
-])
+  ],
+)
 def test_bad_factories_are_refused_with_the_reason(factory, message):
   with pytest.raises(models.ModelCheckError, match=f"model '{HELPERS}:{factory}'.*{message}"):
     _create(factory)
@@ -63,6 +70,7 @@ def test_bad_names():
 
 def test_train_checks_the_factory_before_the_first_step(tmp_path):
   from tests import test_custom_data  # pylint: disable=g-import-not-at-top
+
   root = str(tmp_path / 'data')
   test_custom_data.make_folder(root, ['a', 'b', 'c'], per_class=8, size=(16, 16))
   config = custom.get_config(f'plain,data=folder:{root},model={HELPERS}:wrong_classes,runlocal')

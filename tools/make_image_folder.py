@@ -7,6 +7,7 @@ of random size, place and colour on a dark noisy background, every other image a
 JPEGs. --npz=FILE writes the same pictures as x_train/y_train/x_test/y_test (uint8) and
 class_names instead (a quarter of each class as test split).
 """
+
 import argparse
 import os
 import sys
@@ -23,7 +24,7 @@ def draw(kind, size, rng):
   r = rng.uniform(0.2, 0.35) * size
   cy, cx = rng.uniform(r, size - r, 2)
   if kind == 'circle':
-    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
   elif kind == 'square':
     mask = (np.abs(yy - cy) <= r * 0.8) & (np.abs(xx - cx) <= r * 0.8)
   else:  # An upward triangle: below the apex, inside two slanted edges.
@@ -64,9 +65,14 @@ def write_npz(path, per_class, size, seed=0):
       x.append(image)
       y.append(k)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, x_train=np.stack(split['train'][0]), y_train=np.array(split['train'][1]),
-           x_test=np.stack(split['test'][0]), y_test=np.array(split['test'][1]),
-           class_names=np.array(CLASSES))
+  np.savez(
+    path,
+    x_train=np.stack(split['train'][0]),
+    y_train=np.array(split['train'][1]),
+    x_test=np.stack(split['test'][0]),
+    y_test=np.array(split['test'][1]),
+    class_names=np.array(CLASSES),
+  )
   return len(split['train'][1]), len(split['test'][1])
 
 

@@ -14,10 +14,12 @@ npz:PATH     numpy arrays x_train, y_train, x_test, y_test; images [N, H, W] or 
              integers [N] or [N, 1] in 0..K-1. K is len(class_names) if the file has a string array
              `class_names`, else 1 + the largest training label.
 
-Images: alpha channels are dropped; `channels` 1 or 3 converts (RGB -> grey is the channel mean,
-grey -> RGB repeats it), 0 keeps 1 if every image is grey, else 3. `image_size` S > 0 resizes
-every image to S x S (bilinear with antialiasing, the aspect ratio is not kept); 0 requires all
-images to have one size.
+Images: alpha channels are dropped; `channels` 1 or 3 converts (RGB -> grey with ITU-R 601
+weights, grey -> RGB repeats it), 0 keeps 1 if every image is grey, else 3. `image_size` S > 0
+resizes every image to S x S (an area average when shrinking, bilinear when enlarging; the aspect
+ratio is not kept); 0 requires all images to have one size. These are the served image_bytes
+signature's rules (export.decode_images), so a file sent to the server gives exactly the training
+pixels. Converted images are kept as float32, unconverted ones as uint8.
 """
 
 import dataclasses
@@ -113,25 +115,48 @@ def _drop_alpha(image):
   return image[..., :1] if image.shape[-1] in (1, 2) else image[..., :3]
 
 
+# ITU-R BT.601 luma, as export.decode_images (the served image_bytes signature) converts.
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def _to_unit(image):
+  """uint8 or float32 [H, W, C] -> float32 in [0, 1] (pixel / 255 for uint8)."""
+  if image.dtype == np.uint8:
+    return (tf.cast(image, tf.float32) / 255.0).numpy()
+  return image.astype(np.float32)
+
+
 def _convert(image, channels, size):
-  """One image [H, W, 1 or 3] (uint8 or float32) -> `channels`, resized to size x size if > 0."""
-  dtype = image.dtype
-  if image.shape[-1] != channels:
-    if channels == 3:
-      image = np.repeat(image, 3, axis=-1)
-    else:  # The channel mean, as out_datasets.to_image_shape does.
-      image = image.astype(np.float32).mean(axis=-1, keepdims=True)
-  if size and tuple(image.shape[:2]) != (size, size):
-    image = tf.image.resize(
-      tf.cast(image, tf.float32), (size, size), method='bilinear', antialias=True
-    ).numpy()
-  if dtype == np.uint8:
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
-  return np.clip(image, 0.0, 1.0).astype(np.float32)
+  """One image [H, W, 1 or 3] (uint8 or float32) -> `channels`, resized to size x size if > 0.
+
+  Returned unchanged if nothing changes, else as float32 in [0, 1] (not rounded back to uint8):
+  the same ops as export.decode_images, so a file sent to the served image_bytes signature gives
+  exactly the pixels the model was trained on. Shrinking averages areas, enlarging is bilinear.
+  """
+  to_channels = image.shape[-1] != channels
+  to_size = bool(size) and tuple(image.shape[:2]) != (size, size)
+  if not (to_channels or to_size):
+    return image
+  image = tf.constant(_to_unit(image))
+  if to_channels and channels == 3:
+    image = tf.image.grayscale_to_rgb(image)
+  elif to_channels:
+    image = tf.reduce_sum(image * _GRAY_WEIGHTS, axis=-1, keepdims=True)
+  if to_size:
+    shrink = image.shape[0] >= size and image.shape[1] >= size
+    if shrink:
+      image = tf.image.resize(image, [size, size], method='area')
+    else:
+      image = tf.image.resize(image, [size, size], method='bilinear', antialias=True)
+    image = tf.clip_by_value(image, 0.0, 1.0)
+  return image.numpy()
 
 
 def _convert_all(images, files, options, where):
-  """Converts `images` (a list of [H, W, C]) to one array [N, S, S, C]; files name them."""
+  """Converts `images` (a list of [H, W, C]) to one array [N, S, S, C]; files name them.
+
+  uint8 if no image needed a conversion, else float32 in [0, 1] (4 bytes a value).
+  """
   images = [_drop_alpha(x) for x in images]
   channels = options.channels or (3 if any(x.shape[-1] == 3 for x in images) else 1)
   if not options.image_size:
@@ -145,7 +170,10 @@ def _convert_all(images, files, options, where):
         f'{s2[0]}x{s2[1]} (height x width); set image_size (config.image_size=S) to resize '
         'them all to S x S.'
       )
-  return np.stack([_convert(x, channels, options.image_size) for x in images])
+  converted = [_convert(x, channels, options.image_size) for x in images]
+  if any(x.dtype != np.uint8 for x in converted):
+    converted = [_to_unit(x) for x in converted]
+  return np.stack(converted)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from acet_tf import custom_data
+from acet_tf import export
 from acet_tf import input_pipeline
 from acet_tf import trainer
 from configs import custom
@@ -99,10 +100,26 @@ def test_folder_resize_and_channels(tmp_path):
   assert grey.image_shape == (8, 8, 1)
   rgb, _ = _arrays(name, 'train', custom_data.Options(channels=3))
   mono, _ = _arrays(name, 'train', custom_data.Options(channels=1))
-  # RGB -> grey is the channel mean (as the out-sets do), rounded to a pixel value.
-  np.testing.assert_allclose(mono[..., 0], np.round(rgb.mean(-1) * 255) / 255, atol=1e-6)
+  # RGB -> grey with ITU-R 601 weights, kept as float (not rounded to a pixel value).
+  np.testing.assert_allclose(mono[..., 0], rgb @ np.float32([0.299, 0.587, 0.114]), atol=1e-6)
+  assert not np.allclose(mono * 255, np.round(mono * 255))
   small, _ = _arrays(name, 'train', custom_data.Options(image_size=8))
   assert small.shape[1:] == (8, 8, 3)
+
+
+def test_conversion_equals_the_served_image_bytes_decoding(tmp_path):
+  """A file sent to the served image_bytes signature gives exactly the training pixels."""
+  for size, image_size, channels in (((20, 30), 8, 1), ((6, 5), 9, 3), ((8, 8), 0, 1)):
+    root = str(tmp_path / f'data{size[0]}')
+    written = make_folder(root, ['a', 'b'], per_class=3, size=size, formats=('png', 'jpg'))
+    name = f'folder:{root}'
+    options = custom_data.Options(image_size=image_size, channels=channels)
+    info = input_pipeline.get_info(name, options=options)
+    stored = {x.tobytes() for split in ('train', 'test') for x in _arrays(name, split, options)[0]}
+    for path in written:
+      with open(path, 'rb') as f:
+        served = export.decode_images(tf.constant([f.read()]), info.image_shape)[0].numpy()
+      assert served.tobytes() in stored, (path, image_size, channels)
   grey_root = str(tmp_path / 'grey')
   make_folder(grey_root, ['a', 'b'], per_class=4, channels=1, formats=('png', 'jpg'))
   assert input_pipeline.get_info(f'folder:{grey_root}').image_shape == (12, 10, 1)

@@ -156,6 +156,11 @@ def resolve_sets(settings, dataset):
   keys, left_out = [], {}
   for name in requested:
     if name == DATASETS:
+      if not out_datasets.default_out_sets(dataset):
+        left_out[DATASETS] = (
+            f'{dataset} is your own data, which has no default out-distribution datasets: name '
+            f'them with --sets (one of {", ".join(out_datasets.OUT_SETS)}), e.g. '
+            '--sets=imagenet_minus --imagenet_minus_dir=<a folder of images unlike yours>.')
       for key in out_datasets.default_out_sets(dataset):
         if key == 'imagenet_minus' and not settings.imagenet_minus_dir:
           left_out[key] = 'not public: pass --imagenet_minus_dir=<folder of images> to include it.'
@@ -328,7 +333,8 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
 
   results = {
       'model': dict(description or {}, step=int(step), dataset=info.name,
-                    image_shape=list(info.image_shape), num_classes=info.num_classes),
+                    image_shape=list(info.image_shape), num_classes=info.num_classes,
+                    class_names=list(info.class_names)),
       'settings': dataclasses.asdict(settings),
       'definitions': DEFINITIONS,
       'seeds': {'base': settings.seed, 'streams': {
@@ -362,7 +368,8 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
     in_conf = test_pred.confidence
     results['test'] = {
         'error': metrics.error_rate(test_pred.predicted, test_pred.labels),
-        'mmc': metrics.mean_max_confidence(in_conf), 'num_examples': int(in_conf.size)}
+        'mmc': metrics.mean_max_confidence(in_conf), 'num_examples': int(in_conf.size),
+        'per_class': per_class_metrics(test_pred, info.class_names)}
     results['timing']['test'] = time.time() - t
     confidences['test'] = in_conf
     grid['test'] = (_concat_images(test, n_grid), test_pred.predicted[:n_grid],
@@ -499,6 +506,26 @@ def _data_free(results, skipped, generated, info, cap, batch_size):
 # ------------------------------------------------------------------------------------------------
 
 
+def per_class_metrics(pred, class_names):
+  """{class name: {'num_examples', 'error', 'mmc', 'predicted'}} on the test set, in class order.
+
+  'error' is over the test images of that class; 'predicted' counts the test images predicted as
+  that class; 'mmc' is the mean confidence on the images of the class (None without images).
+  """
+  labels, predicted = np.asarray(pred.labels), np.asarray(pred.predicted)
+  confidence = np.asarray(pred.confidence)
+  table = {}
+  for k, name in enumerate(class_names):
+    mine = labels == k
+    n = int(mine.sum())
+    table[str(name)] = {
+        'num_examples': n,
+        'error': float((predicted[mine] != k).mean()) if n else None,
+        'mmc': float(confidence[mine].mean()) if n else None,
+        'predicted': int((predicted == k).sum())}
+  return table
+
+
 def versions():
   """Library versions and the git commit of the code, for results.json."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -584,6 +611,13 @@ def format_table(results):
   if results.get('data_free'):
     lines.append('Not run without the in-distribution data:')
     lines += [f'- {key}: {note}' for key, note in results['data_free'].items()]
+  if test.get('per_class'):
+    lines += ['', '## Test set per class', '',
+              '| class | N | error | MMC | predicted as |', '|---|---:|---:|---:|---:|']
+    for name, e in test['per_class'].items():
+      error = '–' if e['error'] is None else f"{100 * e['error']:.2f}%"
+      lines.append(f"| {name} | {e['num_examples']} | {error} | {_fmt(e['mmc'])} | "
+                   f"{e['predicted']} |")
   if results['skipped']:
     lines.append('')
     lines.append('Skipped (not evaluated):')
@@ -703,6 +737,11 @@ def accepts_unbounded_inputs(predict_fn, image_shape):
   return True
 
 
+def _data_options(config):
+  """How a folder:/npz: dataset was converted for the run (defaults without a config)."""
+  return input_pipeline.options_from_config(config) if config is not None else None
+
+
 def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, output_dir=None):
   """Evaluates the latest checkpoint of `workdir`, or the SavedModel `saved_model`.
 
@@ -730,10 +769,15 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
       raise ValueError('Cannot tell the in-distribution dataset of the SavedModel: '
                        + (f'conflicting {sorted(names)}.' if names else 'pass --dataset.'))
     name = names.pop()
-    info = known_datasets.get_info(name, settings.data_dir or (config and config.data_dir) or None)
+    info = known_datasets.get_info(name, settings.data_dir or (config and config.data_dir) or None,
+                                   _data_options(config))
     if tuple(info.image_shape) != classifier.image_shape:
       raise ValueError(f'The SavedModel takes images of shape {classifier.image_shape}, but '
                        f'{name} has {info.image_shape}.')
+    exported_names = classifier.metadata.get('class_names')
+    if exported_names is not None and list(exported_names) != list(info.class_names):
+      raise ValueError(f'The SavedModel was exported with the classes {exported_names}, but {name} '
+                       f'now has {list(info.class_names)}: the data changed since the export.')
     predict_fn, logits_fn = classifier.fns()
     step = int(classifier.metadata.get('step', 0))
     description = {'source': 'saved_model', 'path': classifier.path,
@@ -777,7 +821,8 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
   if info.has_data:
     test = input_pipeline.eval_dataset(info.name, 'test', settings.batch_size,
                                        data_dir=data_dir or None,
-                                       max_examples=settings.max_examples)
+                                       max_examples=settings.max_examples,
+                                       options=_data_options(config))
   return evaluate_model(
       predict_fn, info, test, settings, out_sets=out_sets, skipped=skipped, logits_fn=logits_fn,
       noise_config=config.noise if config is not None else None, output_dir=output_dir,

@@ -11,7 +11,9 @@ by default), with the signatures
   serving_image_bytes  image_bytes string [None]: encoded PNG, JPEG, GIF or BMP files, decoded in
                    the graph (decode_images: the model's channels, its H x W, pixel / 255)
 each returning probabilities float32 [None, K], confidence float32 [None] (max softmax),
-predicted_class int32 [None] and accepted bool [None] (confidence >= threshold). The threshold is
+predicted_class int32 [None], class_name string [None] (the name of predicted_class: the dataset's
+class names, e.g. the folder names of a folder: dataset) and accepted bool [None]
+(confidence >= threshold). The threshold is
 the variable `threshold` of the SavedModel, changed after loading with `set_threshold(t)`; the
 metadata (class names, input ranges, the threshold and how it was chosen, the accept rates, the
 training config and final metrics) is the asset assets/metadata.json. The version is saved beside
@@ -40,7 +42,7 @@ from acet_tf import serving_layout
 
 METADATA_FILENAME = 'metadata.json'
 SIGNATURES = ('serving_default', 'serving_uint8', 'with_threshold', 'serving_image_bytes')
-OUTPUTS = ('probabilities', 'confidence', 'predicted_class', 'accepted')
+OUTPUTS = ('probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted')
 # Inclusive value range of each signature input; the server checks requests against these.
 INPUT_RANGES = {
     'serving_default': {'images': (0.0, 1.0)},
@@ -110,9 +112,11 @@ class AbstainingClassifier(tf.Module):
   the tf.functions of SIGNATURES and `set_threshold(t)`.
   """
 
-  def __init__(self, model, image_shape, threshold):
+  def __init__(self, model, image_shape, threshold, class_names):
     super().__init__(name='abstaining_classifier')
     self.model = model
+    # A constant in the graph, so TF Serving returns the names with no lookup on the client.
+    names = tf.constant([str(n) for n in class_names], tf.string)
     self.threshold = tf.Variable(float(threshold), dtype=tf.float32, trainable=False,
                                  name='threshold')
     shape = [None] + list(image_shape)
@@ -131,10 +135,12 @@ class AbstainingClassifier(tf.Module):
       tf.debugging.assert_less_equal(images, 1.0, 'images must be in [0, 1]')
       probs = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
       confidence = tf.reduce_max(probs, axis=1)
+      predicted = tf.argmax(probs, axis=1, output_type=tf.int32)
       return {
           'probabilities': probs,
           'confidence': confidence,
-          'predicted_class': tf.argmax(probs, axis=1, output_type=tf.int32),
+          'predicted_class': predicted,
+          'class_name': tf.gather(names, predicted),
           'accepted': confidence >= threshold,
       }
 
@@ -239,7 +245,7 @@ def measure_sets(model, config, num_examples, adv_noise_examples, info=None):
   if info is None or info.has_data:
     test = list(input_pipeline.eval_dataset(
         config.dataset, 'test', config.eval.batch_size, data_dir=config.data_dir or None,
-        max_examples=num_examples))
+        max_examples=num_examples, options=input_pipeline.options_from_config(config)))
     sets = {'test': test}
   else:  # Zero images as the noise source; with no permuted share their content is never read.
     size = config.eval.batch_size
@@ -290,8 +296,10 @@ def _test_rates(test, threshold):
   return rates
 
 
-def demo_request(sets, per_kind):
+def demo_request(sets, per_kind, class_names=None):
   """A REST request for acet_tf.serve with `per_kind` images of each set, plus their descriptions.
+
+  Test images are described by their label's name in `class_names` if given.
 
   Returns {'signature_name', 'instances': float [n, H, W, C] lists, 'descriptions': [n] str};
   tools/client.py sends all but 'descriptions'. Floats are float32 values written exactly.
@@ -304,7 +312,8 @@ def demo_request(sets, per_kind):
       raise ValueError(f'demo_examples={per_kind} but only {len(images)} {name} images were made.')
     instances.extend(images[:per_kind].tolist())
     if name == 'test':
-      descriptions += [f'test image, label {y}' for y in pred.labels[:per_kind]]
+      descriptions += [f'test image, label {class_names[y] if class_names else y}'
+                       for y in pred.labels[:per_kind]]
     else:
       descriptions += [f'{name} image {i}' for i in range(per_kind)]
   return {'signature_name': 'serving_default', 'instances': instances,
@@ -399,7 +408,7 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
   # Saved beside the final path and renamed when complete, so a server watching export_dir
   # (TensorFlow Serving does) never loads a half-written version.
   tmp_path = os.path.join(export_dir, f'.tmp-{version}-{os.getpid()}')
-  module = AbstainingClassifier(model, info.image_shape, value)
+  module = AbstainingClassifier(model, info.image_shape, value, info.class_names)
   try:
     with tempfile.TemporaryDirectory() as tmp:
       asset = os.path.join(tmp, METADATA_FILENAME)
@@ -420,7 +429,7 @@ def export_model(workdir, export_dir, *, version=None, threshold='auto', keep=0.
                json.dumps(metadata['threshold']['accept_rates']))
   if demo_request_path:
     with tf.io.gfile.GFile(demo_request_path, 'w') as f:
-      json.dump(demo_request(sets, demo_examples), f)
+      json.dump(demo_request(sets, demo_examples, info.class_names), f)
     logging.info('Wrote a demo request to %s.', demo_request_path)
   return final_path, metadata
 

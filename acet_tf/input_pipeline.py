@@ -1,4 +1,5 @@
-"""Datasets as tf.data: TFDS image classification sets, the embedded `mnist5k`, augmentation.
+"""Datasets as tf.data: TFDS image classification sets, the embedded `mnist5k`, the user's own
+`folder:PATH` and `npz:PATH` (custom_data.py), augmentation.
 
 Images are float32 [H, W, C] in [0, 1] (pixel / 255, no normalisation: RECIPE.md "Inputs"),
 labels int32. The training stream is a pure function of (config.seed, step), so a run resumed at
@@ -18,6 +19,8 @@ import urllib.request
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from acet_tf import custom_data
 
 MNIST5K = 'mnist5k'
 _MNIST5K_TRAIN_PER_CLASS = 400  # Of the 500 per class; the other 100 are the test split.
@@ -40,6 +43,26 @@ class DatasetInfo:
 
 class DatasetUnavailableError(RuntimeError):
   """The dataset is neither on disk nor downloadable; the message says what to do."""
+
+
+DatasetError = custom_data.DatasetError  # A folder: or npz: dataset that cannot be used.
+
+
+def options_from_config(config):
+  """The custom_data.Options of a config (image_size, channels, test_fraction; defaults if a run's
+  config predates them)."""
+  return custom_data.Options(image_size=int(config.get('image_size', 0)),
+                             channels=int(config.get('channels', 0)),
+                             test_fraction=float(config.get('test_fraction', 0.2)))
+
+
+def _check_options(name, options):
+  """The options convert folder: and npz: data only; refuse them for fixed datasets."""
+  if options is not None and not custom_data.is_custom(name) and (
+      options.image_size or options.channels):
+    raise ValueError(f"image_size={options.image_size} and channels={options.channels} apply to "
+                     f"'folder:' and 'npz:' datasets only; {name!r} has fixed images: set both to "
+                     '0.')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,8 +165,16 @@ def _split_size(builder, name, split, data_dir):
   return n
 
 
-def _load_uint8(name, split, data_dir):
-  """Unbatched (image uint8 [H, W, C], label int32 []) in a fixed order."""
+def _load_uint8(name, split, data_dir, options=None):
+  """Unbatched (image uint8 [H, W, C], label int32 []) in a fixed order.
+
+  An npz: dataset stored as float yields float32 images in [0, 1] instead (kept exact).
+  """
+  if custom_data.is_custom(name):
+    arrays = custom_data.load(name, options or custom_data.Options())
+    if split not in ('train', 'test'):
+      raise ValueError(f"{name!r} has the splits 'train' and 'test', not {split!r}.")
+    return tf.data.Dataset.from_tensor_slices(getattr(arrays, split))
   if name == MNIST5K:
     arrays = _mnist5k_arrays()
     if split not in arrays:
@@ -164,6 +195,8 @@ def _load_uint8(name, split, data_dir):
 
 
 def _to_float(image, label):
+  if image.dtype == tf.float32:  # Already in [0, 1] (npz: float arrays).
+    return image, label
   return tf.cast(image, tf.float32) / 255.0, label
 
 
@@ -184,8 +217,19 @@ def _count_readable(ds, name, split, data_dir):
 # ------------------------------------------------------------------------------------------------
 
 
-def get_info(name, data_dir=None):
-  """Returns the DatasetInfo of `name`; raises DatasetUnavailableError if it cannot be loaded."""
+def get_info(name, data_dir=None, options=None):
+  """Returns the DatasetInfo of `name`; raises DatasetUnavailableError if it cannot be loaded.
+
+  `options` (custom_data.Options, e.g. options_from_config(config)) say how a folder: or npz:
+  dataset is converted; such a dataset is read and checked whole here (DatasetError).
+  """
+  _check_options(name, options)
+  if custom_data.is_custom(name):
+    arrays = custom_data.load(name, options or custom_data.Options())
+    return DatasetInfo(
+        name=name, image_shape=tuple(int(d) for d in arrays.train[0].shape[1:]),
+        num_classes=len(arrays.class_names), num_train_examples=len(arrays.train[1]),
+        num_test_examples=len(arrays.test[1]), class_names=arrays.class_names)
   if name == MNIST5K:
     arrays = _mnist5k_arrays()
     return DatasetInfo(
@@ -207,7 +251,7 @@ def get_info(name, data_dir=None):
       class_names=tuple(label.names))
 
 
-def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None):
+def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None, options=None):
   """Reads the first `max_examples` examples of a split (all if None), e.g. before training.
 
   Returns:
@@ -217,7 +261,7 @@ def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None
     DatasetUnavailableError: a record cannot be read (the message names the dataset and split).
     ValueError: the split is empty, or its images are not of shape `image_shape` (H, W, C).
   """
-  ds = _load_uint8(name, split, data_dir)
+  ds = _load_uint8(name, split, data_dir, options)
   shape = tuple(ds.element_spec[0].shape)
   if shape != tuple(image_shape):
     raise ValueError(f"dataset '{name}' split '{split}' has images of shape {shape}, expected "
@@ -230,9 +274,9 @@ def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None
   return count
 
 
-def load_split(name, split, data_dir=None):
+def load_split(name, split, data_dir=None, options=None):
   """Unbatched (image float32 [H, W, C] in [0, 1], label int32 []), fixed order, no augmentation."""
-  return _load_uint8(name, split, data_dir).map(
+  return _load_uint8(name, split, data_dir, options).map(
       _to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -268,7 +312,8 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
   pipelines hold disjoint examples.
 
   Args:
-    config: reads dataset, data_dir, batch_size (global), seed, shuffle_buffer, augment.*.
+    config: reads dataset, data_dir, batch_size (global), seed, shuffle_buffer, augment.*, and for
+      folder:/npz: datasets image_size, channels, test_fraction.
     info: the DatasetInfo of config.dataset.
     start_step: global steps already taken (resume).
     input_context: a tf.distribute.InputContext, or None for a single pipeline.
@@ -282,8 +327,9 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     raise ValueError(f'config.dataset={config.dataset!r} but info is for {info.name!r}.')
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f'{info.name} has {info.num_train_examples} training examples, fewer than '
-                     f'one batch of config.batch_size={config.batch_size}.')
+    raise ValueError(f'Too few examples for a batch: {info.name} has {info.num_train_examples} '
+                     f'training examples, fewer than one batch of config.batch_size='
+                     f'{config.batch_size}.')
   if input_context is None:
     batch_size, num_pipelines, pipeline_id, batches_per_step = config.batch_size, 1, 0, 1
   else:
@@ -297,7 +343,7 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
                  else config.num_epochs * steps_per_epoch)
   end_epoch = max(-(-total_steps // steps_per_epoch), start_epoch + 1)
 
-  data = _load_uint8(config.dataset, 'train', config.data_dir)
+  data = _load_uint8(config.dataset, 'train', config.data_dir, options_from_config(config))
   if tuple(data.element_spec[0].shape) != tuple(info.image_shape):
     raise ValueError(f"dataset '{info.name}' yields images of shape {data.element_spec[0].shape}, "
                      f'but info.image_shape is {info.image_shape}.')
@@ -341,12 +387,12 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
   return stream.prefetch(tf.data.AUTOTUNE)
 
 
-def eval_dataset(name, split, batch_size, *, data_dir=None, max_examples=None):
+def eval_dataset(name, split, batch_size, *, data_dir=None, max_examples=None, options=None):
   """Batches (images float32 [b, H, W, C] in [0, 1], labels int32 [b]) of the first `max_examples`.
 
   The last batch may be smaller. Cached (as uint8) so that repeated evaluations read the split once.
   """
-  ds = _load_uint8(name, split, data_dir)
+  ds = _load_uint8(name, split, data_dir, options)
   if max_examples is not None:
     ds = ds.take(max_examples)
   ds = ds.cache().map(_to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -43,13 +43,16 @@ def recorded_info(name):
       num_test_examples=num_test, class_names=class_names, has_data=False)
 
 
-def get_info(name, data_dir=None):
+def get_info(name, data_dir=None, options=None):
   """input_pipeline.get_info, or the recorded facts (has_data=False) if the data is absent.
+
+  `options` convert a folder: or npz: dataset (input_pipeline.options_from_config); such data is
+  never recorded, so its errors pass through.
 
   Raises input_pipeline.DatasetUnavailableError if the data is absent and `name` is not recorded.
   """
   try:
-    return input_pipeline.get_info(name, data_dir)
+    return input_pipeline.get_info(name, data_dir, options)
   except input_pipeline.DatasetUnavailableError as e:
     if name not in KNOWN:
       raise

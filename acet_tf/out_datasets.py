@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from acet_tf import custom_data
 from acet_tf import input_pipeline
 
 # The reference took 10,000 images of the LSUN classroom training split (its test split has 300)
@@ -58,7 +59,12 @@ DEFAULT_OUT_SETS = {
 
 
 def default_out_sets(dataset):
-  """The out-set keys of Table 1 for the in-distribution `dataset` (a config.dataset name)."""
+  """The out-set keys of Table 1 for the in-distribution `dataset` (a config.dataset name).
+
+  None for the user's own data (folder:, npz:): which sets are out-of-distribution depends on it.
+  """
+  if custom_data.is_custom(dataset):
+    return ()
   if dataset not in DEFAULT_OUT_SETS:
     raise ValueError(f'No out-distribution datasets are defined for {dataset!r} (known: '
                      f'{", ".join(sorted(DEFAULT_OUT_SETS))}); choose them with --sets from '

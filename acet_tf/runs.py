@@ -13,6 +13,7 @@ import re
 import ml_collections
 import tensorflow as tf
 
+from acet_tf import input_pipeline
 from acet_tf import known_datasets
 from acet_tf import models
 
@@ -26,6 +27,8 @@ EVAL = 'eval'
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', 'eval',
                      'num_summary_images', 'steps_per_call', 'strategy', 'tpu_address',
                      'jit_compile', 'data_dir')
+# Keys added after runs were first made; a saved config without one had this value.
+ADDED_KEYS = {'image_size': 0, 'channels': 0, 'test_fraction': 0.2}
 
 
 def checkpoint_dir(workdir):
@@ -69,6 +72,7 @@ def check_resumable(config, workdir):
   saved = read_json(workdir, CONFIG, required=False)
   if saved is None:
     return
+  saved = dict(ADDED_KEYS, **saved)
   current = json.loads(config.to_json())
   changed = sorted(k for k in set(saved) | set(current)
                    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
@@ -103,7 +107,8 @@ def restore_model(workdir, config=None):
   """
   if config is None:
     config = read_config(workdir)
-  info = known_datasets.get_info(config.dataset, config.data_dir or None)
+  info = known_datasets.get_info(config.dataset, config.data_dir or None,
+                                 input_pipeline.options_from_config(config))
   model = models.create_model(config.model, info.image_shape, info.num_classes)
   latest = latest_checkpoint(workdir)
   try:

@@ -191,7 +191,9 @@ class ServedModel:
         if spec.is_string:
           _raise_for_bad_image(key, inputs[key])
       raise RequestError(f'The model refused the input: {e.message}') from None
-    return {k: v.numpy() for k, v in outputs.items()}
+    # String outputs (class_name) as str, which JSON can carry, as TF Serving returns them.
+    return {k: (np.char.decode(v.numpy().astype(np.bytes_), 'utf-8') if v.dtype == tf.string
+                else v.numpy()) for k, v in outputs.items()}
 
 
 def _raise_for_bad_image(name, files):

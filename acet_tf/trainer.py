@@ -32,8 +32,14 @@ def validate_config(config):
   check(config.method in train_step.METHODS, f'method must be one of {train_step.METHODS}, '
         f'got {config.method!r}')
   check(bool(config.dataset), 'dataset is empty')
-  check(config.model in models.MODEL_NAMES, f'model must be one of {models.MODEL_NAMES}, '
-        f'got {config.model!r}')
+  try:
+    input_pipeline.options_from_config(config)
+  except ValueError as e:
+    check(False, str(e))
+  try:
+    models.check_name(config.model)
+  except ValueError as e:
+    check(False, f'model: {e}')
   check(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
   check(config.num_epochs > 0 or config.num_train_steps > 0,
         'set num_epochs > 0 or num_train_steps > 0')
@@ -105,8 +111,8 @@ def format_duration(seconds):
 def total_train_steps(config, info):
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f'batch_size {config.batch_size} exceeds the {info.num_train_examples} '
-                     f'training examples of {config.dataset}.')
+    raise ValueError(f'Too few examples for a batch: batch_size {config.batch_size} exceeds the '
+                     f'{info.num_train_examples} training examples of {config.dataset}.')
   if config.num_train_steps > 0:
     return config.num_train_steps, steps_per_epoch
   return config.num_epochs * steps_per_epoch, steps_per_epoch
@@ -216,7 +222,8 @@ def train_and_evaluate(config, workdir, *, hooks=()):
                      f'{strategy.num_replicas_in_sync} replicas.')
   chief = distribution.is_chief(strategy)
   data_dir = config.data_dir or None
-  info = input_pipeline.get_info(config.dataset, data_dir)  # Fails fast if unavailable.
+  options = input_pipeline.options_from_config(config)  # How folder:/npz: images are converted.
+  info = input_pipeline.get_info(config.dataset, data_dir, options)  # Fails fast if unavailable.
   total_steps, steps_per_epoch = total_train_steps(config, info)
   # The initial weights follow config.seed, so a rerun from scratch repeats the run exactly.
   keras.utils.set_random_seed(config.seed)
@@ -224,7 +231,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   check_model_fits_data(config, info, model)
   if chief:  # Only the chief evaluates; a bad test split would fail the first evaluation.
     input_pipeline.check_readable(config.dataset, 'test', info.image_shape, data_dir=data_dir,
-                                  max_examples=config.eval.max_examples)
+                                  max_examples=config.eval.max_examples, options=options)
 
   tf.io.gfile.makedirs(workdir)
   runs.check_resumable(config, workdir)
@@ -245,7 +252,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   train_steps = train_step.make_train_function(model, optimizer, config, strategy)
   test_dataset = input_pipeline.eval_dataset(
       config.dataset, 'test', config.eval.batch_size, data_dir=data_dir,
-      max_examples=config.eval.max_examples)
+      max_examples=config.eval.max_examples, options=options)
 
   def run_eval(step):
     scalars, images = evaluation.evaluate_during_training(model, config, test_dataset)

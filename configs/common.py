@@ -60,9 +60,16 @@ def base_config(method):
     raise ValueError(f'method must be one of {METHODS}, got {method!r}')
   c = ml_collections.ConfigDict()
   c.method = method
-  c.dataset = ''  # 'mnist5k' or a TFDS name: 'mnist', 'svhn_cropped', 'cifar10', 'cifar100'.
+  c.dataset = ''  # 'mnist5k', a TFDS name ('mnist', 'svhn_cropped', 'cifar10', 'cifar100'),
+  # 'folder:PATH' (one sub-folder of images per class) or 'npz:PATH' (x_train, y_train, ...).
   c.data_dir = ''  # TFDS data_dir; '' = TFDS default (~/tensorflow_datasets).
-  c.model = ''  # 'lenet', 'preact_resnet' (the reference's small ResNet) or 'resnet18'.
+  # Your own data (c.dataset = 'folder:PATH' or 'npz:PATH', acet_tf/custom_data.py); the TFDS
+  # datasets and mnist5k need these at their defaults.
+  c.image_size = 0  # S > 0 resizes every image to S x S; 0 keeps the size (must be one size).
+  c.channels = 0  # 1 (grey) or 3 (RGB); 0: 1 if every image is grey, else 3.
+  c.test_fraction = 0.2  # Share of each class held out as test split (folders without test/).
+  c.model = ''  # 'lenet', 'preact_resnet' (the reference's small ResNet), 'resnet18', or your
+  # own 'package.module:factory', factory(input_shape, num_classes) -> keras.Model of logits.
   c.seed = 0
 
   c.batch_size = 128  # Global number of clean images per step; as many noise images again (lambda=1).

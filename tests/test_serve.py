@@ -101,6 +101,7 @@ def assert_matches(rows, want_and_threshold):
   np.testing.assert_allclose([r['probabilities'] for r in rows], want['probabilities'], atol=1e-5)
   np.testing.assert_allclose(conf, want['confidence'], atol=1e-5)
   assert [r['predicted_class'] for r in rows] == want['predicted_class'].tolist()
+  assert [r['class_name'] for r in rows] == [str(k) for k in want['predicted_class']]  # mnist5k.
   accepted = np.array([r['accepted'] for r in rows])
   np.testing.assert_array_equal(accepted, conf >= np.float32(threshold))
   # Keras on another batch size may differ in the last bits: compare only clear-cut cases.
@@ -123,9 +124,9 @@ def test_status_and_metadata(run, server):
   assert defs['serving_uint8']['inputs']['images']['dtype'] == 'DT_UINT8'
   assert defs['serving_image_bytes']['inputs']['image_bytes']['dtype'] == 'DT_STRING'
   assert sorted(defs['serving_image_bytes']['outputs']) == sorted(
-      ['probabilities', 'confidence', 'predicted_class', 'accepted'])
+      ['probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted'])
   assert sorted(defs['serving_default']['outputs']) == sorted(
-      ['probabilities', 'confidence', 'predicted_class', 'accepted'])
+      ['probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted'])
   acet = meta['metadata']['acet_tf']
   assert acet['class_names'] == [str(k) for k in range(10)]
   assert acet['threshold']['current'] == pytest.approx(run['metadata']['threshold']['value'])

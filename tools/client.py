@@ -114,7 +114,7 @@ def main(argv=None):
   print(f'{"#":>3}  {"image":<28} {"class":>8} {"confidence":>10}  decision')
   for i, row in enumerate(rows):
     k = row['predicted_class']
-    label = names[k] if names and 0 <= k < len(names) else str(k)
+    label = row.get('class_name') or (names[k] if names and 0 <= k < len(names) else str(k))
     what = descriptions[i] if descriptions and i < len(descriptions) else ''
     decision = 'accepted' if row['accepted'] else 'abstained'
     print(f'{i:>3}  {what:<28} {label:>8} {row["confidence"]:>10.4f}  {decision}')

@@ -43,7 +43,8 @@ def noise_images(config, num_images):
     (noise float32 [N, H, W, C] in [0, 1], labels int32 [N] of the source test images).
   """
   test = input_pipeline.eval_dataset(config.dataset, 'test', num_images,
-                                     data_dir=config.data_dir or None, max_examples=num_images)
+                                     data_dir=config.data_dir or None, max_examples=num_images,
+                                     options=input_pipeline.options_from_config(config))
   seed = evaluation.eval_seed(config.seed, evaluation.NOISE_STREAM)
   noise, labels = next(iter(evaluation.noise_batches(test, seed, config.noise)))
   return noise, labels

@@ -2,8 +2,11 @@
 
 Every model maps images float32 [B, H, W, C] in [0, 1] to logits float32 [B, K] (no softmax, no input
 normalisation) and uses only ReLU, max/average pooling and (at inference) affine batch norm, so the
-logits are piecewise affine in the input, the setting of the paper's Theorem 3.1.
+logits are piecewise affine in the input, the setting of the paper's Theorem 3.1. Your own model is
+named 'package.module:factory' (models/factory.py: checked at creation, warned about if it is not
+piecewise affine).
 """
+from acet_tf.models import factory
 from acet_tf.models.lenet import lenet
 from acet_tf.models.resnet import preact_resnet
 from acet_tf.models.resnet import resnet18
@@ -14,13 +17,30 @@ _BUILDERS = {
     'resnet18': resnet18,
 }
 MODEL_NAMES = tuple(_BUILDERS)
+ModelCheckError = factory.ModelCheckError
+
+
+def check_name(name):
+  """Raises ValueError unless `name` is one of MODEL_NAMES or of the form 'package.module:factory'.
+
+  A factory name is only parsed here; create_model imports and checks it.
+  """
+  if name in _BUILDERS:
+    return
+  if factory.is_factory_name(name):
+    module_name, _, attr = name.partition(':')
+    if module_name and attr and ':' not in attr:
+      return
+  raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}, or your own '
+                   "'package.module:factory'.")
 
 
 def create_model(name, input_shape, num_classes):
   """Builds the model `name`, one of MODEL_NAMES; call it inside `strategy.scope()` to distribute it.
 
   Args:
-    name: 'lenet', 'preact_resnet' or 'resnet18'; becomes `model.name`.
+    name: 'lenet', 'preact_resnet' or 'resnet18' (becomes `model.name`), or
+      'package.module:factory' with factory(input_shape, num_classes) -> keras.Model of logits.
     input_shape: (H, W, C) of the images.
     num_classes: K.
 
@@ -28,6 +48,7 @@ def create_model(name, input_shape, num_classes):
     A keras.Model: images float32 [B, H, W, C] in [0, 1] -> logits float32 [B, K]. Call it as
     `model(x, training=...)`; with training=False batch norm uses and keeps its moving statistics.
   """
+  check_name(name)
   if name not in _BUILDERS:
-    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+    return factory.create(name, input_shape, num_classes)
   return _BUILDERS[name](tuple(input_shape), int(num_classes), name=name)

@@ -124,3 +124,35 @@ def test_float16_pgd_on_a_confident_model_moves_the_input_like_float32():
   # ... and float16 moves the same pixels the same way (float16 round-off flips a few signs).
   same = np.isclose(u16, u32, atol=1e-6)
   assert same.mean() > 0.9, same.mean()
+
+
+@pytest.mark.slow
+def test_a_float16_run_with_forced_overflows_trains_to_the_end(tmp_path, monkeypatch):
+  from acet_tf import train  # pylint: disable=g-import-not-at-top
+  from configs import mnist5k  # pylint: disable=g-import-not-at-top
+  config = mnist5k.get_config('acet,runlocal')
+  config.strategy = 'one_device'
+  config.mixed_precision = 'mixed_float16'
+  config.num_train_steps = 12
+  scales = []
+
+  def huge_scale(config, total_steps):
+    # The trainer's optimizer with a scale that overflows float16 for the first ~25 steps.
+    optimizer = create_optimizer(config, total_steps)
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer.inner_optimizer,
+                                                    initial_scale=2.0**50)
+    scales.append(optimizer)
+    return optimizer
+
+  create_optimizer = train_step.create_optimizer
+  monkeypatch.setattr(train_step, 'create_optimizer', huge_scale)
+  policy = keras.config.dtype_policy()
+  try:
+    final = train.train_and_evaluate(config, str(tmp_path))
+  finally:
+    keras.config.set_dtype_policy(policy)
+  assert final['step'] == 12
+  assert tf.train.latest_checkpoint(str(tmp_path / 'checkpoints')).endswith('-12')
+  assert float(scales[0].dynamic_scale.numpy()) <= 2.0**50 / 2**12  # Every step overflowed.
+  assert int(scales[0].iterations.numpy()) == 12
+  assert 0 <= final['adv_noise/mmc'] <= 1

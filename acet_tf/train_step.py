@@ -13,6 +13,7 @@ import tensorflow as tf
 from acet_tf import attacks
 from acet_tf import batch_random
 from acet_tf import losses
+from acet_tf import models
 from acet_tf import noise as noise_lib
 
 # Streams of the per-step stateless seed.
@@ -67,7 +68,8 @@ def out_batch(model, config, images, step, noise_fn):
   if config.pgd.steps == 0:
     return noise
   return attacks.pgd(
-      logits_fn=lambda u: model(u, training=False), x0=noise, objective=attacks.max_log_confidence_objective,
+      logits_fn=models.inference_logits_fn(model), x0=noise,
+      objective=attacks.max_log_confidence_objective,
       eps=config.pgd.eps, step_size=config.pgd.step_size, steps=config.pgd.steps,
       seed=batch_random.step_seed(config.seed, step, PGD_STREAM),
       random_start=config.pgd.random_start)[0]

@@ -5,6 +5,7 @@ normalisation) and uses only ReLU, max/average pooling and (at inference) affine
 logits are piecewise affine in the input, the setting of the paper's Theorem 3.1.
 """
 from acet_tf.models.lenet import lenet
+from acet_tf.models.resnet import preact_inference_logits
 from acet_tf.models.resnet import preact_resnet
 from acet_tf.models.resnet import resnet18
 
@@ -31,3 +32,14 @@ def create_model(name, input_shape, num_classes):
   if name not in _BUILDERS:
     raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
   return _BUILDERS[name](tuple(input_shape), int(num_classes), name=name)
+
+
+def inference_logits_fn(model):
+  """Returns logits_fn(u) = model(u, training=False), as fast as known for PGD's inner loop.
+
+  A float32 preact_resnet gets its batch-norm-folded form (resnet.preact_inference_logits, same
+  values up to float32 round-off); every other model (and mixed precision) is called as is.
+  """
+  if model.name == 'preact_resnet' and model.dtype_policy.compute_dtype == 'float32':
+    return preact_inference_logits(model)
+  return lambda u: model(u, training=False)

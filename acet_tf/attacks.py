@@ -3,6 +3,7 @@
 Used by ACET training (maximise the max log-confidence near noise images) and by evaluation
 (adversarial noise; adversarial samples that maximise the true label's cross-entropy).
 """
+import keras
 import tensorflow as tf
 
 from acet_tf import batch_random
@@ -67,6 +68,31 @@ def _on_cpu_only():
   return not (tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
 
 
+def _unit_logit_gradient(logits):
+  """Identity on logits [B, K] whose backward pass rescales each example's gradient to max 1.
+
+  For float16 bodies (mixed_float16). A confident model's gradient of the objective with respect
+  to the logits is tiny (1 - p_max ~ 1e-9): cast to float16 on its way into the body it flushes
+  to 0 and PGD's sign steps stop. A positive factor per example changes no sign of the input
+  gradient (backpropagation is linear in it and examples are independent), so PGD's steps are
+  those of float32 while the float16 gradients stay in range, as loss scaling does for weights.
+  """
+
+  @tf.custom_gradient
+  def identity(z):
+    def grad(dz):
+      peak = tf.reduce_max(tf.abs(dz), axis=-1, keepdims=True)
+      return dz / tf.where(peak > 0, peak, tf.ones_like(peak))
+    return tf.identity(z), grad
+
+  return identity(logits)
+
+
+def _float16_body():
+  """True under a float16 compute policy (mixed_float16), the one with float16's narrow range."""
+  return keras.config.dtype_policy().compute_dtype == 'float16'
+
+
 def objective_and_input_gradient(logits_fn, objective):
   """Returns fn(u, labels) -> (objective float32 [B], d objective_i / d u_i float32 [B, ...]).
 
@@ -81,17 +107,23 @@ def objective_and_input_gradient(logits_fn, objective):
     the oneDNN kernel.
   - Conv2D's input gradient uses _conv2d_grad_cpu (via tf.gradients, which honours a gradient
     override; GradientTape does not).
+
+  Under a float16 compute policy (mixed_float16, read when this is called) each example's
+  gradient is rescaled at the logits (_unit_logit_gradient): the gradient then has the float32
+  gradient's signs but not its size, which PGD (sign steps) does not use. The objective is
+  unchanged.
   """
+  rescale = _unit_logit_gradient if _float16_body() else tf.identity
 
   def tape_pass(u, labels):
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(u)
-      obj = objective(logits_fn(u), labels)
+      obj = objective(rescale(logits_fn(u)), labels)
     return obj, tape.gradient(obj, u)
 
   def cpu_pass(u, labels):
     with tf.compat.v1.get_default_graph().gradient_override_map({'Conv2D': _CONV2D_GRAD_CPU}):
-      obj = objective(logits_fn(u), labels)
+      obj = objective(rescale(logits_fn(u)), labels)
     return obj, tf.gradients(obj, u)[0]
 
   if not _on_cpu_only():

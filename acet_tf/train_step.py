@@ -13,6 +13,7 @@ import tensorflow as tf
 from acet_tf import attacks
 from acet_tf import batch_random
 from acet_tf import losses
+from acet_tf import models
 from acet_tf import noise as noise_lib
 
 # The training methods of the paper; `config.method` is one of them.
@@ -22,8 +23,9 @@ METHODS = ('plain', 'ceda', 'acet')
 NOISE_STREAM, PGD_STREAM = 1, 2
 
 # Per-replica sums returned by a step; the trainer divides by the counts.
+# skipped: steps whose loss-scaled gradients overflowed (mixed_float16), left to the optimizer.
 METRIC_SUMS = ('loss', 'loss_in', 'loss_out', 'errors', 'conf_in', 'conf_out', 'count_in',
-               'count_out')
+               'count_out', 'skipped')
 
 
 def learning_rate_schedule(config, total_steps):
@@ -69,7 +71,8 @@ def out_batch(model, config, images, step, noise_fn):
   if config.pgd.steps == 0:
     return noise
   return attacks.pgd(
-      logits_fn=lambda u: model(u, training=False), x0=noise, objective=attacks.max_log_confidence_objective,
+      logits_fn=models.inference_logits_fn(model), x0=noise,
+      objective=attacks.max_log_confidence_objective,
       eps=config.pgd.eps, step_size=config.pgd.step_size, steps=config.pgd.steps,
       seed=batch_random.step_seed(config.seed, step, PGD_STREAM),
       random_start=config.pgd.random_start)[0]
@@ -82,6 +85,7 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
   (tools/toy2d.py passes uniform noise in the 2-D box).
   """
   noise_fn = noise_fn or image_noise(config)
+  loss_scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
   def replica_step(images, labels):
     ctx = tf.distribute.get_replica_context()
@@ -102,13 +106,28 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
           losses.weight_decay(losses.decayed_variables(model, config.weight_decay_variables),
                               config.weight_decay))
       loss = data_loss + decay
-      scaled = optimizer.scale_loss(loss) if hasattr(optimizer, 'scale_loss') else loss
+      # Every Keras 3 optimizer has scale_loss (a no-op without loss_scale_factor); only the
+      # LossScaleOptimizer's gradients come back multiplied by its dynamic scale.
+      scaled = optimizer.scale_loss(loss) if loss_scaling else loss
     grads = tape.gradient(scaled, model.trainable_variables)
     # A NaN can hide from the loss (max-pool turns NaN into -FLT_MAX) yet poison the gradients:
     # check both, so the step that breaks the weights is the one reported.
-    finite = tf.reduce_all([tf.math.is_finite(loss)] + [
+    grads_finite = tf.reduce_all([
         tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    finite = tf.math.is_finite(loss) & grads_finite
+    overflow = tf.constant(False)
+    if loss_scaling:
+      # Scaled gradients that overflow are the optimizer's to handle: it skips the update and
+      # halves the scale. At a scale <= 1 the gradients are non-finite by themselves: stop.
+      scale = tf.convert_to_tensor(optimizer.dynamic_scale)
+      overflow = tf.math.is_finite(loss) & ~grads_finite & (scale > 1.0)
+      finite = finite | overflow
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    if loss_scaling:
+      # Keras 3 counts only applied updates in `iterations` (Keras 2 counted skipped ones too).
+      # Count every step: the step number picks the data, the seeds and the learning rate, and
+      # the trainer's step count and checkpoints follow it.
+      optimizer.iterations.assign_add(tf.cast(overflow, optimizer.iterations.dtype))
     probs = tf.nn.softmax(logits)
     conf = tf.reduce_max(probs, axis=-1)
     wrong = tf.not_equal(tf.argmax(logits[:n_in], axis=-1, output_type=tf.int32),
@@ -118,6 +137,7 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
         errors=tf.reduce_sum(tf.cast(wrong, tf.float32)),
         conf_in=tf.reduce_sum(conf[:n_in]), conf_out=tf.reduce_sum(conf[n_in:]),
         count_in=tf.constant(float(n_in)), count_out=tf.constant(float(n_out)),
+        skipped=tf.cast(overflow, tf.float32) / ctx.num_replicas_in_sync,
         nonfinite=1.0 - tf.cast(finite, tf.float32))
 
   if config.jit_compile:
@@ -129,8 +149,10 @@ def make_train_function(model, optimizer, config, strategy, noise_fn=None):
   """Returns train_steps(iterator, num_steps) -> (sums, bad_step), one compiled call.
 
   Runs up to `num_steps` steps in one tf.function call (hides per-call dispatch) and returns the
-  METRIC_SUMS reduced over replicas and steps. If a step's loss or gradients are not finite the
-  loop stops there and `bad_step` holds that step's index (else -1); that step has already
+  METRIC_SUMS reduced over replicas and steps. With a LossScaleOptimizer, a step whose scaled
+  gradients overflow is skipped by the optimizer (scale halved, weights unchanged) and counted in
+  `skipped`, not an error. If a step's loss or (unscaled) gradients are not finite the loop stops
+  there and `bad_step` holds that step's index (else -1); that step has already
   updated the weights, so the caller must not save them.
   """
   replica_step = make_replica_step(model, optimizer, config, noise_fn)

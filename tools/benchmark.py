@@ -4,9 +4,9 @@
 
 Prints one JSON line per case: `train_step` lines (median step time, clean images/s, peak RSS) for
 each model x method, then, unless --noattack, an `attack` line per model with PGD alone (images
-attacked/s for the training attack and for evaluation's 200-step attack) and
-`attack_step_over_fwd_grad`: the attack's time per PGD step divided by the time of one forward plus
-input-gradient pass (1.0 = no overhead beyond the passes PGD needs).
+attacked/s for the training attack and for evaluation's 200-step attack) and Table 2's alpha
+search, each over the time of the passes it needs (`*_over_passes`, 1.0 = no overhead beyond
+them; see time_attack).
 
 The step timed is `train_step.make_train_function` itself, not a copy. Times are medians over
 --reps repetitions after --warmup calls (the first call traces and compiles); each repetition runs
@@ -28,6 +28,7 @@ import tensorflow as tf
 from acet_tf import attacks
 from acet_tf import models
 from acet_tf import noise as noise_lib
+from acet_tf import scaling
 from acet_tf import train_step
 from configs import common
 
@@ -46,6 +47,7 @@ _REPS = flags.DEFINE_integer('reps', 5, 'Timed repetitions (the median is report
 _MIN_REP_S = flags.DEFINE_float('min_rep_s', 1.0, 'Minimum seconds of one repetition.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first (tracing, compilation, caches).')
 _ATTACK = flags.DEFINE_bool('attack', True, 'Also time PGD alone (one line per model).')
+_TABLE2 = flags.DEFINE_bool('table2', True, "With the attack line, also time Table 2's search.")
 _INTRA = flags.DEFINE_integer('intra_op_threads', 0, 'TF intra-op threads (0: TF default).')
 _INTER = flags.DEFINE_integer('inter_op_threads', 0, 'TF inter-op threads (0: TF default).')
 
@@ -187,65 +189,98 @@ def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
       steps_run=int(optimizer.iterations.numpy()), peak_rss_mb=peak_rss_mb(), **_environment())
 
 
-def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2):
-  """Times PGD alone on B noise images, and one forward + input-gradient pass. Returns a dict.
+def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=True):
+  """Times PGD and Table 2's search on B noise images against the passes they need. Returns a dict.
 
-  The attack is attacks.pgd as the train step and evaluation call it (model in inference mode,
-  the max log-confidence objective, random start): config.pgd's eps and step for the training
-  attack, config.eval.adv_noise_* with `eval_steps` steps for evaluation's.
+  The training attack is attacks.pgd as train_step calls it (models.inference_logits_fn: the
+  ResNet's folded batch norm), evaluation's as evaluation.attack_batches calls it
+  (model(u, training=False)): the max log-confidence objective, random start, config.pgd's eps
+  and step for the first, config.eval.adv_noise_* with `eval_steps` steps for the second. Each
+  is compared with the passes it needs, timed alone with the same logits function: `steps`
+  forward + input-gradient passes and 2 forwards (`*_over_passes`; 1.0 = no overhead; restarts
+  repeat the attack, so they have the same ratio). Table 2's search (scaling.make_alpha_search)
+  is compared with as many forwards as it runs (counted in-graph on one call).
   """
   model, _ = _build(config, tf.distribute.get_strategy())
   images, _ = synthetic_batch(config)
   x0 = noise_lib.make_noise(images, tf.constant([0, 3], tf.int64), config.noise)
   seed = tf.constant([0, 4], tf.int64)
-  logits_fn = lambda u: model(u, training=False)
   objective = attacks.max_log_confidence_objective
+  fns = {'train': models.inference_logits_fn(model), 'eval': lambda u: model(u, training=False)}
+  jit = config.jit_compile
 
-  def attack_fn(eps, step_size, steps):
+  def attack_fn(logits_fn, eps, step_size, steps):
     return tf.function(lambda x: attacks.pgd(
         logits_fn, x, objective, eps=eps, step_size=step_size, steps=steps, seed=seed,
-        random_start=True)[1], jit_compile=config.jit_compile)
+        random_start=True)[1], jit_compile=jit)
 
-  @tf.function(jit_compile=config.jit_compile)
+  @tf.function(jit_compile=jit)
   def forward_and_input_gradient(x):
-    # The straightforward pass: one forward and one input-gradient pass under a tape.
+    # The straightforward pass: one forward and one input-gradient pass of the model's call.
     with tf.GradientTape(watch_accessed_variables=False) as tape:
       tape.watch(x)
-      obj = objective(logits_fn(x), None)
+      obj = objective(fns['eval'](x), None)
     return tape.gradient(obj, x)
 
-  # The pass as PGD runs it, CPU fast paths included (trees older than it: the tape pass).
-  make_pass = getattr(attacks, 'objective_and_input_gradient', None)
-  project_pass = forward_and_input_gradient if make_pass is None else tf.function(
-      lambda x: make_pass(logits_fn, objective)(x, None)[1], jit_compile=config.jit_compile)
+  def seconds(fn, one_call_is_long=False):
+    if one_call_is_long:  # An attack: one call is long enough to time.
+      return _median_seconds(lambda: fn(x0).numpy(), reps, 0.0, 1)[0]
+    return _median_seconds(lambda: fn(x0).numpy(), reps, min_rep_s, warmup)[0]
 
-  pass_s, _, _ = _median_seconds(lambda: forward_and_input_gradient(x0).numpy(), reps,
-                                 min_rep_s, warmup)
-  project_s, _, _ = _median_seconds(lambda: project_pass(x0).numpy(), reps, min_rep_s, warmup)
-  result = dict(case='attack', model=config.model, batch=config.batch_size,
-                jit=config.jit_compile, mixed_precision=config.mixed_precision,
-                fwd_grad_ms=round(pass_s * 1e3, 2), fwd_grad_project_ms=round(project_s * 1e3, 2))
+  pass_s = seconds(forward_and_input_gradient)
+  result = dict(case='attack', model=config.model, batch=config.batch_size, jit=jit,
+                mixed_precision=config.mixed_precision, fwd_grad_ms=round(pass_s * 1e3, 2))
   attacks_to_time = (('train', config.pgd.eps, config.pgd.step_size, config.pgd.steps),
                      ('eval', config.eval.adv_noise_eps, config.eval.adv_noise_step_size,
                       eval_steps))
   for name, eps, step_size, n in attacks_to_time:
     if n <= 0:
       continue
-    fn = attack_fn(eps, step_size, n)
-    # One call of an attack is long enough to time: min_rep_s = 0.
-    seconds, _, _ = _median_seconds(lambda: fn(x0).numpy(), reps, 0.0, 1)  # pylint: disable=cell-var-from-loop
+    logits_fn = fns[name]
+    # The passes as PGD runs them (attacks.objective_and_input_gradient, CPU fast paths).
+    grad_pass = tf.function(
+        lambda x, f=logits_fn: attacks.objective_and_input_gradient(f, objective)(x, None)[1],
+        jit_compile=jit)
+    forward = tf.function(lambda x, f=logits_fn: objective(f(x), None), jit_compile=jit)
+    grad_s, fwd_s = seconds(grad_pass), seconds(forward)
+    attack_s = seconds(attack_fn(logits_fn, eps, step_size, n), one_call_is_long=True)
     result[f'{name}_pgd_steps'] = n
-    result[f'{name}_attack_ms'] = round(seconds * 1e3, 1)
-    result[f'{name}_attacked_img_per_s'] = round(config.batch_size / seconds, 2)
+    result[f'{name}_pass_fwd_grad_ms'] = round(grad_s * 1e3, 2)
+    result[f'{name}_pass_fwd_ms'] = round(fwd_s * 1e3, 2)
+    result[f'{name}_attack_ms'] = round(attack_s * 1e3, 1)
+    result[f'{name}_attacked_img_per_s'] = round(config.batch_size / attack_s, 2)
+    result[f'{name}_attack_over_passes'] = round(attack_s / (n * grad_s + 2 * fwd_s), 3)
     # Per PGD step (the attack's 2 extra forwards included) over one straightforward pass.
-    result[f'{name}_attack_step_over_fwd_grad'] = round(seconds / n / pass_s, 3)
-    result[f'{name}_attack_step_over_project_pass'] = round(seconds / n / project_s, 3)
+    result[f'{name}_attack_step_over_fwd_grad'] = round(attack_s / n / pass_s, 3)
+  if table2:
+    result.update(time_table2(model, x0, reps))
   result.update(peak_rss_mb=peak_rss_mb(), **_environment())
   return result
 
 
+def time_table2(model, x0, reps):
+  """Table 2's alpha search on x0 vs the forwards it runs. Returns a dict of table2_* keys."""
+  forward = tf.function(lambda x: tf.nn.softmax(model(x, training=False)))
+  calls = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+  def counting_forward(x):
+    calls.assign_add(1)
+    return forward(x)
+
+  # The search as evaluate.py runs it (settings' defaults), on the benchmark's noise batch.
+  tf.function(scaling.make_alpha_search(counting_forward))(x0)
+  num_forwards = int(calls.numpy())
+  search = scaling.make_alpha_search(forward)
+  fwd_s = _median_seconds(lambda: forward(x0).numpy(), reps, 1.0, 2)[0]
+  search_s = _median_seconds(lambda: search(x0)[0].numpy(), reps, 0.0, 1)[0]
+  return dict(table2_forwards=num_forwards, table2_fwd_ms=round(fwd_s * 1e3, 2),
+              table2_search_ms=round(search_s * 1e3, 1),
+              table2_over_passes=round(search_s / (num_forwards * fwd_s), 3))
+
+
 def run(models, methods, *, batch, pgd_steps, eval_pgd_steps=200, jit=False, mixed_precision='',
-        steps_per_call=1, replicas=1, reps=5, min_rep_s=1.0, warmup=2, attack=True, emit=print):
+        steps_per_call=1, replicas=1, reps=5, min_rep_s=1.0, warmup=2, attack=True, table2=True,
+        emit=print):
   """Runs every model x method case (and the attack lines); `emit`s and returns the dicts."""
   strategy = create_strategy(replicas)
   results = []
@@ -257,7 +292,7 @@ def run(models, methods, *, batch, pgd_steps, eval_pgd_steps=200, jit=False, mix
       emit(json.dumps(results[-1]))
     if attack:
       config = benchmark_config(model, 'acet', batch, pgd_steps, jit, mixed_precision)
-      results.append(time_attack(config, eval_pgd_steps, reps, min_rep_s, warmup))
+      results.append(time_attack(config, eval_pgd_steps, reps, min_rep_s, warmup, table2))
       emit(json.dumps(results[-1]))
   return results
 
@@ -269,7 +304,8 @@ def main(argv):
   run(_MODEL.value, _METHOD.value, batch=_BATCH.value, pgd_steps=_PGD_STEPS.value,
       eval_pgd_steps=_EVAL_PGD_STEPS.value, jit=_JIT.value, mixed_precision=_MIXED.value,
       steps_per_call=_STEPS_PER_CALL.value, replicas=_REPLICAS.value, reps=_REPS.value,
-      min_rep_s=_MIN_REP_S.value, warmup=_WARMUP.value, attack=_ATTACK.value)
+      min_rep_s=_MIN_REP_S.value, warmup=_WARMUP.value, attack=_ATTACK.value,
+      table2=_TABLE2.value)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ piecewise affine).
 """
 from acet_tf.models import factory
 from acet_tf.models.lenet import lenet
+from acet_tf.models.resnet import preact_inference_logits
 from acet_tf.models.resnet import preact_resnet
 from acet_tf.models.resnet import resnet18
 
@@ -52,3 +53,14 @@ def create_model(name, input_shape, num_classes):
   if name not in _BUILDERS:
     return factory.create(name, input_shape, num_classes)
   return _BUILDERS[name](tuple(input_shape), int(num_classes), name=name)
+
+
+def inference_logits_fn(model):
+  """Returns logits_fn(u) = model(u, training=False), as fast as known for PGD's inner loop.
+
+  A float32 preact_resnet gets its batch-norm-folded form (resnet.preact_inference_logits, same
+  values up to float32 round-off); every other model (and mixed precision) is called as is.
+  """
+  if model.name == 'preact_resnet' and model.dtype_policy.compute_dtype == 'float32':
+    return preact_inference_logits(model)
+  return lambda u: model(u, training=False)

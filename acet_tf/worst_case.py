@@ -25,9 +25,10 @@ class Attack:
   """One attack with its budget.
 
   name: key in results.json ('pgd_paper', 'apgd', ...).
-  kind: 'pgd' (attacks.pgd: sign steps of `step_size`, the paper's attack) or 'apgd' (apgd.apgd).
+  kind: 'pgd' (attacks.pgd, the paper's attack: sign steps of step_fraction * eps) or 'apgd' (apgd.apgd).
   steps: iterations per restart; restarts: independent random starts, the best kept per point.
-  step_size: PGD's step (unused by APGD, whose schedule starts at 2 eps).
+  step_fraction: PGD's step as a fraction of eps (the paper's 0.0075 at eps 0.3 is 0.025), so one
+    attack serves every radius; unused by APGD, whose schedule starts at 2 eps.
   random_start: restart 0 starts inside the ball at random (False: at the centre; restarts >= 1
     always start at random).
   """
@@ -35,7 +36,7 @@ class Attack:
   kind: str
   steps: int
   restarts: int = 1
-  step_size: float | None = None
+  step_fraction: float | None = None
   random_start: bool = True
 
   def __post_init__(self):
@@ -44,8 +45,9 @@ class Attack:
     if self.steps < 0 or self.restarts < 1:
       raise ValueError(f'Attack {self.name!r}: steps must be >= 0 and restarts >= 1, got '
                        f'{self.steps} and {self.restarts}')
-    if self.kind == 'pgd' and not (self.step_size and self.step_size > 0):
-      raise ValueError(f'Attack {self.name!r}: PGD needs step_size > 0, got {self.step_size}')
+    if self.kind == 'pgd' and not (self.step_fraction and self.step_fraction > 0):
+      raise ValueError(f'Attack {self.name!r}: PGD needs step_fraction > 0, got '
+                       f'{self.step_fraction}')
 
   @property
   def passes(self):
@@ -63,8 +65,9 @@ def make_attack_fn(logits_fn, attack, objective, eps):
 
   def one(images, labels, seed, random_start):
     if attack.kind == 'pgd':
-      return attacks.pgd(logits_fn, images, objective, eps=eps, step_size=attack.step_size,
-                         steps=attack.steps, seed=seed, labels=labels, random_start=random_start)
+      return attacks.pgd(logits_fn, images, objective, eps=eps,
+                         step_size=attack.step_fraction * eps, steps=attack.steps, seed=seed,
+                         labels=labels, random_start=random_start)
     return apgd.apgd(logits_fn, images, objective, eps=eps, steps=attack.steps, seed=seed,
                      labels=labels, random_start=random_start)
 

@@ -79,7 +79,7 @@ def test_worst_case_is_the_maximum_over_attacks_and_at_least_each():
   predict = lambda u: tf.nn.softmax(logits_fn(u))
   x0 = tf.random.stateless_uniform([32, 8, 8, 1], seed=[5, 6])
   batches = [(x0[:16], tf.zeros([16], tf.int32)), (x0[16:], tf.zeros([16], tf.int32))]
-  attack_list = [worst_case.Attack('pgd', 'pgd', 10, step_size=0.03),
+  attack_list = [worst_case.Attack('pgd', 'pgd', 10, step_fraction=0.1),
                  worst_case.Attack('apgd', 'apgd', 10, restarts=2)]
   out = worst_case.attack_confidences(logits_fn, predict, batches, attack_list, eps=0.3,
                                       seed=SEED)
@@ -97,7 +97,7 @@ def test_worst_case_is_the_maximum_over_attacks_and_at_least_each():
 def test_bad_attacks_are_refused():
   with pytest.raises(ValueError, match='kind'):
     worst_case.Attack('x', 'fgsm', 10)
-  with pytest.raises(ValueError, match='step_size'):
+  with pytest.raises(ValueError, match='step_fraction'):
     worst_case.Attack('x', 'pgd', 10)
   with pytest.raises(ValueError, match='distinct'):
     worst_case.attack_confidences(None, None, [], [worst_case.Attack('a', 'apgd', 1)] * 2,

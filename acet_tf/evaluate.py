@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 import keras
+from ml_collections import config_flags
 import matplotlib
 import ml_collections
 import numpy as np
@@ -42,6 +43,7 @@ from acet_tf import runs
 from acet_tf import scaling
 from acet_tf import scores as scores_lib
 from acet_tf import serving_layout
+from acet_tf import worst_case
 
 GENERATED_SETS = ('noise', 'adv_noise', 'adv_samples')
 ATTACK_ALL_OUT_SETS = 'out_sets'  # In attacked_sets: every out-set that was loaded.
@@ -156,6 +158,48 @@ class Settings:
           f'attacked_max_examples must be > 0, got {self.attacked_max_examples}')
     names = [a.name for a in self.attacks]
     check(len(set(names)) == len(names), f'attack names must be distinct, got {names}')
+
+
+def _split_list(text):
+  return tuple(w.strip() for w in (text or '').split(',') if w.strip())
+
+
+def parse_image_dirs(entries):
+  """('name=folder', ...) -> (('name', 'folder'), ...); refuses entries without both parts."""
+  out = []
+  for entry in entries:
+    key, sep, folder = entry.partition('=')
+    if not sep or not key.strip() or not folder.strip():
+      raise ValueError(f'image_dirs entries are name=folder, got {entry!r}')
+    out.append((key.strip(), folder.strip()))
+  return tuple(out)
+
+
+def settings_from_config(config, **overrides):
+  """Settings from an evaluation config (configs/eval.py) plus explicit overrides.
+
+  Args:
+    config: ConfigDict (or dict) with the fields of configs/eval.py.
+    **overrides: Settings fields that win over the config (the binary's flags that were given).
+  """
+  c = dict(config)
+  attack_list = tuple(
+      worst_case.Attack(name, a['kind'], int(a['steps']), restarts=int(a['restarts']),
+                        step_fraction=a.get('step_fraction'),
+                        random_start=bool(a.get('random_start', True)))
+      for name, a in dict(c.get('attacks') or {}).items())
+  fields = dict(
+      sets=_split_list(c['sets']), max_examples=c['max_examples'], batch_size=c['batch_size'],
+      adv_noise_steps=c['adv_noise_steps'], adv_noise_restarts=c['adv_noise_restarts'],
+      adv_noise_eps=c['adv_noise_eps'], adv_noise_step_size=c['adv_noise_step_size'],
+      adv_samples_steps=c['adv_samples_steps'], table2_examples=c['table2_examples'],
+      image_dirs=parse_image_dirs(_split_list(c.get('image_dirs', ''))), attacks=attack_list,
+      attacked_sets=_split_list(c.get('attacked_sets', '')),
+      adv_noise_starts=_split_list(c.get('adv_noise_starts', 'noise,uniform')),
+      attacked_eps=c.get('attacked_eps'), attacked_max_examples=c.get('attacked_max_examples'),
+      guaranteed=bool(c.get('guaranteed', False)))
+  fields.update(overrides)
+  return Settings(**fields)
 
 
 def adv_samples_budget(settings, image_shape):
@@ -949,6 +993,28 @@ _STRICT = flags.DEFINE_bool('strict', False, 'Fail instead of skipping an out-se
 _IMAGENET_MINUS_DIR = flags.DEFINE_string('imagenet_minus_dir', '', 'Folder of ImageNet- images.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'TFDS data_dir; default the run\'s.')
 _SEED = flags.DEFINE_integer('seed', None, 'Evaluation seed; default the run\'s config.seed.')
+_IMAGE_DIRS = flags.DEFINE_list('image_dirs', [], 'Folders of images as out-sets: name=folder,... '
+                                '(use the name in --sets; resized and converted like the others).')
+_EVAL_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Evaluation config, configs/eval.py:paper|quick|strong[,runlocal]; fields '
+    'overridable as --config.x=...; the flags above override it when given.')
+
+# Flag name -> Settings field, for the flags that override an evaluation config when given.
+_OVERRIDES = {'sets': 'sets', 'max_examples': 'max_examples', 'batch_size': 'batch_size',
+              'adv_noise_steps': 'adv_noise_steps', 'adv_noise_restarts': 'adv_noise_restarts',
+              'adv_samples_steps': 'adv_samples_steps', 'table2_examples': 'table2_examples',
+              'strict': 'strict', 'data_dir': 'data_dir',
+              'imagenet_minus_dir': 'imagenet_minus_dir', 'seed': 'seed',
+              'image_dirs': 'image_dirs'}
+
+
+def _flag_value(name):
+  value = flags.FLAGS[name].value
+  if name == 'sets':
+    return tuple(value)
+  if name == 'image_dirs':
+    return parse_image_dirs(value)
+  return value
 
 
 def main(argv):
@@ -956,12 +1022,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value and not _SAVED_MODEL.value:
     raise app.UsageError('Give --workdir or --saved_model.')
-  settings = Settings(
-      sets=tuple(_SETS.value), max_examples=_MAX_EXAMPLES.value, batch_size=_BATCH_SIZE.value,
-      adv_noise_steps=_ADV_NOISE_STEPS.value, adv_noise_restarts=_ADV_NOISE_RESTARTS.value,
-      adv_samples_steps=_ADV_SAMPLES_STEPS.value, table2_examples=_TABLE2_EXAMPLES.value,
-      strict=_STRICT.value, data_dir=_DATA_DIR.value,
-      imagenet_minus_dir=_IMAGENET_MINUS_DIR.value, seed=_SEED.value)
+  if _EVAL_CONFIG.value is not None:
+    given = {field: _flag_value(name) for name, field in _OVERRIDES.items()
+             if flags.FLAGS[name].present}
+    settings = settings_from_config(_EVAL_CONFIG.value, **given)
+  else:  # Today's flags alone: the paper's protocol.
+    settings = Settings(**{field: _flag_value(name) for name, field in _OVERRIDES.items()})
   results = evaluate_run(settings, workdir=_WORKDIR.value, saved_model=_SAVED_MODEL.value,
                          dataset=_DATASET.value, output_dir=_OUTPUT_DIR.value)
   print(format_table(results))

@@ -80,7 +80,8 @@ def apgd(logits_fn, x0, objective, *, eps, steps, seed, labels=None, random_star
   neg_inf = tf.fill([b], float('-inf'))
   # f_prev = +inf: step 0 is no "success"; window j counts the steps w_{j-1} + 1, ..., w_j.
   state = dict(
-      x=x, x_prev=x, f_prev=tf.fill([b], float('inf')), eta=tf.fill([b], 2.0 * eps), best_x=x, best_f=neg_inf,
+      x=x, x_prev=x, f_prev=tf.fill([b], float('inf')), eta=tf.fill([b], 2.0 * eps), best_x=x,
+      best_f=neg_inf,
       best_g=tf.zeros_like(x), successes=tf.zeros([b]), best_f_ckpt=neg_inf,
       reduced_last=tf.zeros([b], tf.bool))
 

@@ -22,9 +22,9 @@ from absl import app
 from absl import flags
 from absl import logging
 import keras
-from ml_collections import config_flags
 import matplotlib
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import scipy
 import tensorflow as tf
@@ -778,10 +778,12 @@ def _robust_table(results):
           f"| {_title(key)} | {e['eps']:g} | {n} | {_fmt(w.get('mmc'))} | {_fmt(w.get('auroc'))} "
           f"| {_fmt(w.get('fpr95'))} | {_fmt(e.get('guaranteed_mmc'))} | "
           f"{_fmt(e.get('guaranteed_auroc'))} | {_fmt(e.get('guaranteed_fpr95'))} |")
-    lines += ['', 'Per attack (`attack@start`; MMC / AUROC; the worst case is the per-point maximum '
+    lines += ['', 'Per attack (`attack@start`; MMC / AUROC; the worst case is the per-point '
+              'maximum '
               'over all of them):', '']
     for key, e in results['attacked'].items():
-      parts = [f"{k} {_fmt(a['mmc'])} / {_fmt(a['auroc'])}" for k, a in e.get('attacks', {}).items()]
+      parts = [f"{k} {_fmt(a['mmc'])} / {_fmt(a['auroc'])}"
+               for k, a in e.get('attacks', {}).items()]
       if parts:
         lines.append(f"- {_title(key)}: " + '; '.join(parts))
     lines += ['', 'AUROC and FPR@95 (in-distribution positive) of the clean test confidences '

@@ -1,4 +1,4 @@
-"""Interval bound propagation (IBP): a certified upper bound on a model's confidence in an L-inf ball.
+"""Interval bound propagation (IBP): a certified upper bound on the confidence in an L-inf ball.
 
 For every input u with ||u - x||_inf <= eps and u in [0, 1], IBP bounds every unit of the network
 from below and above, layer by layer, in inference mode (batch norm as the affine map of its moving

@@ -99,7 +99,8 @@ def guaranteed(bound_fn, in_conf, starts):
   """Certified metrics: per point the largest IBP bound over its starts.
 
   Args:
-    bound_fn: images -> float [B] upper bounds on the confidence in the eps-ball (ibp.make_bound_fn).
+    bound_fn: images -> float [B] upper bounds on the confidence in the eps-ball
+      (ibp.make_bound_fn).
     in_conf: float [N_in] clean in-distribution confidences.
     starts: {start name: list of (images, labels) batches}.
 

@@ -25,7 +25,8 @@ class Attack:
   """One attack with its budget.
 
   name: key in results.json ('pgd_paper', 'apgd', ...).
-  kind: 'pgd' (attacks.pgd, the paper's attack: sign steps of step_fraction * eps) or 'apgd' (apgd.apgd).
+  kind: 'pgd' (attacks.pgd, the paper's attack: sign steps of step_fraction * eps) or 'apgd'
+    (apgd.apgd).
   steps: iterations per restart; restarts: independent random starts, the best kept per point.
   step_fraction: PGD's step as a fraction of eps (the paper's 0.0075 at eps 0.3 is 0.025), so one
     attack serves every radius; unused by APGD, whose schedule starts at 2 eps.

@@ -43,7 +43,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.preset = preset
   # The paper's protocol (acet_tf.evaluate.Settings defaults, RECIPE.md).
-  c.sets = ''  # Comma-separated; '' = the default out-datasets, noise, adv_noise, adv_samples, table2.
+  c.sets = ''  # Comma-separated; '' = default out-datasets, noise, adv_noise, adv_samples, table2.
   c.max_examples = config_dict.placeholder(int)  # None: full test set (10k LSUN / ImageNet-).
   c.batch_size = 500
   c.adv_noise_steps = 200

@@ -86,7 +86,7 @@ def test_worst_case_is_the_maximum_over_attacks_and_at_least_each():
   conf = {k: v['confidence'] for k, v in out.items()}
   worst, which = worst_case.worst_case(conf)
   assert worst.shape == (32,)
-  for k, v in conf.items():
+  for v in conf.values():
     assert np.all(worst >= v)
   np.testing.assert_array_equal(worst, np.maximum(conf['pgd'], conf['apgd']))
   assert set(np.unique(which)) <= {0, 1}

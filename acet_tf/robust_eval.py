@@ -155,7 +155,8 @@ def evaluate_attacked_sets(sets, *, logits_fn, predict_fn, in_conf, attack_list,
     results[key] = entry
     if log:
       w = entry.get('worst_case', {})
-      log(f"{key} (eps {eps:g}): worst-case MMC {w.get('mmc', float('nan')):.3f} AUROC "
-          f"{w.get('auroc', float('nan')):.3f}; guaranteed AUROC "
-          f"{entry.get('guaranteed_auroc', float('nan')):.3f}")
+      fmt = lambda v: '-' if v is None else f'{v:.3f}'
+      log(f"{key} (eps {eps:g}): worst-case MMC {fmt(w.get('mmc'))} AUROC {fmt(w.get('auroc'))}; "
+          f"guaranteed MMC {fmt(entry.get('guaranteed_mmc'))} AUROC "
+          f"{fmt(entry.get('guaranteed_auroc'))}")
   return results

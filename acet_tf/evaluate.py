@@ -24,6 +24,7 @@ from absl import logging
 import keras
 import matplotlib
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import scipy
 import tensorflow as tf
@@ -37,11 +38,15 @@ from acet_tf import metrics
 from acet_tf import noise as noise_lib
 from acet_tf import out_datasets
 from acet_tf import plots
+from acet_tf import robust_eval
 from acet_tf import runs
 from acet_tf import scaling
+from acet_tf import scores as scores_lib
 from acet_tf import serving_layout
+from acet_tf import worst_case
 
 GENERATED_SETS = ('noise', 'adv_noise', 'adv_samples')
+ATTACK_ALL_OUT_SETS = 'out_sets'  # In attacked_sets: every out-set that was loaded.
 TABLE2 = 'table2'
 TABLE2_DEFAULT_EXAMPLES = 10_000  # The paper's number of uniform draws.
 DATASETS = 'datasets'  # In --sets: the default out-datasets of the in-distribution set.
@@ -105,6 +110,14 @@ class Settings:
   imagenet_minus_dir: str = ''
   seed: int | None = None  # None: the run's config.seed (0 without a config).
   num_grid_images: int = 8
+  # Beyond the paper (robust_eval); the defaults switch all of it off.
+  attacks: tuple = ()  # worst_case.Attack, run on every attacked set.
+  attacked_sets: tuple[str, ...] = ()  # 'adv_noise', ATTACK_ALL_OUT_SETS or out-set keys.
+  adv_noise_starts: tuple[str, ...] = robust_eval.START_NAMES  # Centres of attacked adv. noise.
+  attacked_eps: float | None = None  # Out-sets; None: GOOD's radius (0.3 / 0.03 / 0.01).
+  attacked_max_examples: int | None = None  # Points per attacked set; None: max_examples.
+  guaranteed: bool = False  # IBP upper bounds on every attacked set (Keras models only).
+  image_dirs: tuple[tuple[str, str], ...] = ()  # (key, folder): any folder as an out-set.
 
   def __post_init__(self):
     def check(ok, message):
@@ -125,9 +138,68 @@ class Settings:
                 'adv_samples_step_size'):
       value = getattr(self, key)
       check(value is None or value > 0, f'{key} must be > 0, got {value}')
-    known = set(GENERATED_SETS) | {TABLE2, DATASETS} | set(out_datasets.OUT_SETS)
+    folders = {k for k, _ in self.image_dirs}
+    known = set(GENERATED_SETS) | {TABLE2, DATASETS} | set(out_datasets.OUT_SETS) | folders
     unknown = [s for s in self.sets if s not in known]
     check(not unknown, f'unknown sets {unknown}; choose from {", ".join(sorted(known))}')
+    attackable = {'adv_noise', ATTACK_ALL_OUT_SETS} | set(out_datasets.OUT_SETS) | folders
+    unknown = [s for s in self.attacked_sets if s not in attackable]
+    check(not unknown, f'unknown attacked_sets {unknown}; choose from '
+          f'{", ".join(sorted(attackable))}')
+    check(not self.attacked_sets or self.attacks or self.guaranteed,
+          'attacked_sets need attacks or guaranteed=True')
+    bad = [s for s in self.adv_noise_starts if s not in robust_eval.START_NAMES]
+    check(self.adv_noise_starts and not bad,
+          f'adv_noise_starts must be a non-empty subset of {robust_eval.START_NAMES}, got '
+          f'{self.adv_noise_starts}')
+    check(self.attacked_eps is None or self.attacked_eps > 0,
+          f'attacked_eps must be > 0, got {self.attacked_eps}')
+    check(self.attacked_max_examples is None or self.attacked_max_examples > 0,
+          f'attacked_max_examples must be > 0, got {self.attacked_max_examples}')
+    names = [a.name for a in self.attacks]
+    check(len(set(names)) == len(names), f'attack names must be distinct, got {names}')
+
+
+def _split_list(text):
+  return tuple(w.strip() for w in (text or '').split(',') if w.strip())
+
+
+def parse_image_dirs(entries):
+  """('name=folder', ...) -> (('name', 'folder'), ...); refuses entries without both parts."""
+  out = []
+  for entry in entries:
+    key, sep, folder = entry.partition('=')
+    if not sep or not key.strip() or not folder.strip():
+      raise ValueError(f'image_dirs entries are name=folder, got {entry!r}')
+    out.append((key.strip(), folder.strip()))
+  return tuple(out)
+
+
+def settings_from_config(config, **overrides):
+  """Settings from an evaluation config (configs/eval.py) plus explicit overrides.
+
+  Args:
+    config: ConfigDict (or dict) with the fields of configs/eval.py.
+    **overrides: Settings fields that win over the config (the binary's flags that were given).
+  """
+  c = dict(config)
+  attack_list = tuple(
+      worst_case.Attack(name, a['kind'], int(a['steps']), restarts=int(a['restarts']),
+                        step_fraction=a.get('step_fraction'),
+                        random_start=bool(a.get('random_start', True)))
+      for name, a in dict(c.get('attacks') or {}).items())
+  fields = dict(
+      sets=_split_list(c['sets']), max_examples=c['max_examples'], batch_size=c['batch_size'],
+      adv_noise_steps=c['adv_noise_steps'], adv_noise_restarts=c['adv_noise_restarts'],
+      adv_noise_eps=c['adv_noise_eps'], adv_noise_step_size=c['adv_noise_step_size'],
+      adv_samples_steps=c['adv_samples_steps'], table2_examples=c['table2_examples'],
+      image_dirs=parse_image_dirs(_split_list(c.get('image_dirs', ''))), attacks=attack_list,
+      attacked_sets=_split_list(c.get('attacked_sets', '')),
+      adv_noise_starts=_split_list(c.get('adv_noise_starts', 'noise,uniform')),
+      attacked_eps=c.get('attacked_eps'), attacked_max_examples=c.get('attacked_max_examples'),
+      guaranteed=bool(c.get('guaranteed', False)))
+  fields.update(overrides)
+  return Settings(**fields)
 
 
 def adv_samples_budget(settings, image_shape):
@@ -166,7 +238,7 @@ def resolve_sets(settings, dataset):
           left_out[key] = 'not public: pass --imagenet_minus_dir=<folder of images> to include it.'
         elif key not in keys:
           keys.append(key)
-    elif name in out_datasets.OUT_SETS and name not in keys:
+    elif (name in out_datasets.OUT_SETS or name in dict(settings.image_dirs)) and name not in keys:
       keys.append(name)
   generated = tuple(s for s in GENERATED_SETS if s in requested)
   return tuple(keys), generated, TABLE2 in requested, left_out
@@ -288,7 +360,8 @@ def _concat_images(batches, n):
 
 
 def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, skipped=None,
-                   logits_fn=None, noise_config=None, output_dir=None, step=0, description=None):
+                   logits_fn=None, noise_config=None, output_dir=None, step=0, description=None,
+                   keras_model=None, true_logits=False):
   """Table 1 and Table 2 for one model; the binary only calls this (via evaluate_run) and prints.
 
   Args:
@@ -309,6 +382,9 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
     output_dir: if given, writes results.json, table.md, PNGs and TensorBoard summaries there.
     step: the model's training step (summaries, results).
     description: dict of facts about the model (source, method, ...) copied into the results.
+    keras_model: the Keras model behind logits_fn, for the IBP bounds (settings.guaranteed).
+    true_logits: logits_fn gives the model's logits (not log-probabilities): then every clean set
+      is scored once for max softmax, max logit and energy (results 'scores').
 
   Returns:
     The results dict (what results.json holds): 'test', 'out_sets' {key: metrics}, 'table2',
@@ -350,6 +426,15 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
   }
   titles = {'test': f'{DATASET_TITLES.get(info.name, info.name)} (test)'}
   confidences, grid = {}, {}
+  scores_fn = scores_lib.make_scores_fn(logits_fn) if true_logits else None
+  set_scores = {}  # {set key: {score: [N]}}, from the same forward pass as the confidences.
+
+  def predict(key, batches):
+    if scores_fn is None:
+      return evaluation.predict_batches(predict_fn, batches)
+    s, predicted, labels = scores_lib.score_batches(scores_fn, batches)
+    set_scores[key] = s
+    return evaluation.Predictions(s['max_softmax'], predicted, labels)
 
   # Test set: the positives of every detection metric.
   t = time.time()
@@ -364,7 +449,7 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
   else:
     test = [(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32))
             for x, y in evaluation.take_examples(test_batches, cap)]
-    test_pred = evaluation.predict_batches(predict_fn, test)
+    test_pred = predict('test', test)
     in_conf = test_pred.confidence
     results['test'] = {
         'error': metrics.error_rate(test_pred.predicted, test_pred.labels),
@@ -394,8 +479,7 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
 
   for key, batches in (out_sets or {}).items():
     t = time.time()
-    pred = evaluation.predict_batches(predict_fn, evaluation.take_examples(
-        _zero_labels(batches), cap))
+    pred = predict(key, evaluation.take_examples(_zero_labels(batches), cap))
     add(key, pred.confidence, _title(key), seconds=time.time() - t)
 
   noise = None
@@ -404,7 +488,7 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
         test, evaluation.eval_seed(settings.seed, evaluation.NOISE_STREAM), noise_config))
   if 'noise' in generated:
     t = time.time()
-    pred = evaluation.predict_batches(predict_fn, noise)
+    pred = predict('noise', noise)
     add('noise', pred.confidence, _noise_title('noise', results), seconds=time.time() - t)
     grid['noise'] = (_concat_images(noise, n_grid), pred.predicted[:n_grid],
                      pred.confidence[:n_grid])
@@ -450,6 +534,16 @@ def evaluate_model(predict_fn, info, test_batches, settings, *, out_sets=None, s
     images = np.concatenate([np.asarray(b[0]) for b in adv])
     grid['adv_samples'] = (images[order], pred.predicted[order], pred.confidence[order],
                            pred.labels[order])
+
+  if settings.attacked_sets:
+    _attacked_sets(results, settings, info, logits_fn, predict_fn, in_conf, confidences, test,
+                   noise, out_sets, cap, keras_model, noise_config)
+  if 'test' in set_scores:  # Data-free runs have no test scores to compare with.
+    results['scores'] = {
+        key: {name: scores_lib.detection_metrics(set_scores['test'][name], values[name])
+              for name in scores_lib.SCORES}
+        for key, values in set_scores.items() if key != 'test'}
+    results['definitions'] = dict(DEFINITIONS, scores=scores_lib.__doc__)
 
   if run_table2:
     t = time.time()
@@ -499,6 +593,47 @@ def _data_free(results, skipped, generated, info, cap, batch_size):
   zeros = [(tf.zeros([min(batch_size, n - i), *info.image_shape], tf.float32),
             tf.zeros([min(batch_size, n - i)], tf.int32)) for i in range(0, n, batch_size)]
   return zeros, None, None
+
+
+def _attacked_sets(results, settings, info, logits_fn, predict_fn, in_conf, confidences, test,
+                   noise, out_sets, cap, keras_model, noise_config):
+  """results['attacked'] (worst case, per attack, guaranteed) for settings.attacked_sets."""
+  t = time.time()
+  n = settings.attacked_max_examples or cap
+  keys = []
+  for name in settings.attacked_sets:
+    keys += list(out_sets or {}) if name == ATTACK_ALL_OUT_SETS else [name]
+  sets, eps_of, extra, skipped = {}, {}, {}, results['skipped']
+  out_eps = settings.attacked_eps or robust_eval.default_attack_eps(info.name, info.image_shape)
+  for key in dict.fromkeys(keys):
+    if key == 'adv_noise':
+      source = list(evaluation.take_examples(test, n))
+      starts = {}
+      if 'noise' in settings.adv_noise_starts:
+        starts['noise'] = list(evaluation.take_examples(noise, n)) if noise is not None else list(
+            evaluation.noise_batches(source, evaluation.eval_seed(
+                settings.seed, evaluation.NOISE_STREAM), noise_config))
+      if 'uniform' in settings.adv_noise_starts:
+        starts['uniform'] = list(robust_eval.uniform_batches(
+            source, evaluation.eval_seed(settings.seed, robust_eval.UNIFORM_STREAM)))
+      sets[key], eps_of[key] = starts, settings.adv_noise_eps
+      if 'adv_noise' in confidences and 'noise' in starts:
+        # The paper's attack on the same noise images: by construction under the worst case.
+        extra[key] = {'paper@noise': confidences['adv_noise'][:n]}
+    elif key in (out_sets or {}):
+      sets[key] = {'image': list(evaluation.take_examples(_zero_labels(out_sets[key]), n))}
+      eps_of[key] = out_eps
+    elif key not in skipped:
+      skipped[f'attacked/{key}'] = 'not loaded: add it to --sets (or it could not be loaded).'
+  bound_model = keras_model
+  if settings.guaranteed and keras_model is None:
+    skipped['guaranteed'] = ('IBP needs the Keras model (evaluate the checkpoint with --workdir, '
+                             'not a SavedModel).')
+  results['attacked'] = robust_eval.evaluate_attacked_sets(
+      sets, logits_fn=logits_fn, predict_fn=predict_fn, in_conf=in_conf,
+      attack_list=settings.attacks, eps_of=eps_of, seed=settings.seed, bound_model=bound_model,
+      guaranteed_metrics=settings.guaranteed, extra=extra, log=logging.info)
+  results['timing']['attacked'] = time.time() - t
 
 
 # ------------------------------------------------------------------------------------------------
@@ -641,6 +776,7 @@ def format_table(results):
         f"{e['restarts']} restart(s), maximising the max log-confidence from each noise image.")
   notes.append('FPR@95: ' + DEFINITIONS['fpr95'] + ' AUROC: ' + DEFINITIONS['auroc'])
   lines.append('\n\n'.join(notes))
+  lines += _robust_table(results)
   if 'table2' in results:
     t2 = results['table2']
     lines += [
@@ -661,6 +797,44 @@ def format_table(results):
   return '\n'.join(lines) + '\n'
 
 
+def _robust_table(results):
+  """table.md lines of the attacked sets (worst case, per attack, guaranteed) and the scores."""
+  lines = []
+  if results.get('attacked'):
+    lines += [
+        '', '## Worst case over attacks and starts; certified (IBP) bounds', '',
+        '| Attacked set | eps | N | worst-case MMC | AUROC | FPR@95 | guaranteed MMC | guaranteed '
+        'AUROC | guaranteed FPR@95 |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for key, e in results['attacked'].items():
+      w = e.get('worst_case', {})
+      n = w.get('num_examples', e.get('guaranteed_num_examples', 0))
+      lines.append(
+          f"| {_title(key)} | {e['eps']:g} | {n} | {_fmt(w.get('mmc'))} | {_fmt(w.get('auroc'))} "
+          f"| {_fmt(w.get('fpr95'))} | {_fmt(e.get('guaranteed_mmc'))} | "
+          f"{_fmt(e.get('guaranteed_auroc'))} | {_fmt(e.get('guaranteed_fpr95'))} |")
+    lines += ['', 'Per attack (`attack@start`; MMC / AUROC; the worst case is the per-point '
+              'maximum '
+              'over all of them):', '']
+    for key, e in results['attacked'].items():
+      parts = [f"{k} {_fmt(a['mmc'])} / {_fmt(a['auroc'])}"
+               for k, a in e.get('attacks', {}).items()]
+      if parts:
+        lines.append(f"- {_title(key)}: " + '; '.join(parts))
+    lines += ['', 'AUROC and FPR@95 (in-distribution positive) of the clean test confidences '
+              'against the worst-case confidences, resp. against the IBP upper bounds.']
+  if results.get('scores'):
+    lines += ['', '## Scores side by side', '',
+              'AUROC / FPR@95 with the in-distribution positive (the paper) / FPR@95 with the '
+              'out-distribution positive (OpenOOD v1.5), on the same forward passes.', '',
+              '| Out-set | ' + ' | '.join(scores_lib.SCORES) + ' |',
+              '|---|' + '---:|' * len(scores_lib.SCORES)]
+    for key, per_score in results['scores'].items():
+      cells = [f"{_fmt(m['auroc'])} / {_fmt(m['fpr95_in_positive'])} / "
+               f"{_fmt(m['fpr95_out_positive'])}" for m in per_score.values()]
+      lines.append(f'| {_title(key)} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
 def summary_scalars(results):
   """{TensorBoard tag: value} of every scalar in the results."""
   scalars = {}
@@ -671,6 +845,12 @@ def summary_scalars(results):
     for m in ('mmc', 'auroc', 'fpr95', 'aupr_in', 'aupr_out', 'success_rate', 'mmc_all'):
       if e.get(m) is not None:
         scalars[f'eval/{key}/{m}'] = e[m]
+  for key, e in results.get('attacked', {}).items():
+    for m in ('mmc', 'auroc', 'fpr95'):
+      if m in e.get('worst_case', {}):
+        scalars[f'eval/attacked/{key}/worst_case/{m}'] = e['worst_case'][m]
+      if f'guaranteed_{m}' in e:
+        scalars[f'eval/attacked/{key}/guaranteed_{m}'] = e[f'guaranteed_{m}']
   if 'table2' in results:
     t2 = results['table2']
     scalars.update({'table2/median_alpha': t2['median'], 'table2/q25_alpha': t2['q25'],
@@ -779,6 +959,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
       raise ValueError(f'The SavedModel was exported with the classes {exported_names}, but {name} '
                        f'now has {list(info.class_names)}: the data changed since the export.')
     predict_fn, logits_fn = classifier.fns()
+    keras_model, true_logits = None, classifier.has_logits
     step = int(classifier.metadata.get('step', 0))
     description = {'source': 'saved_model', 'path': classifier.path,
                    'attack_logits': 'logits output' if classifier.has_logits
@@ -788,6 +969,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
     if dataset and dataset != config.dataset:
       raise ValueError(f'--dataset={dataset} but the run in {workdir} trained on {config.dataset}.')
     predict_fn, logits_fn = keras_model_fns(model)
+    keras_model, true_logits = model, True
     description = {'source': 'checkpoint', 'path': os.path.abspath(workdir),
                    'attack_logits': 'model logits'}
   if config is not None:
@@ -814,7 +996,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
   out_sets, skipped = out_datasets.load_out_sets(
       keys, info.image_shape, batch_size=settings.batch_size, data_dir=data_dir,
       imagenet_minus_dir=settings.imagenet_minus_dir, max_examples=settings.max_examples,
-      strict=settings.strict, seed=seed)
+      strict=settings.strict, seed=seed, image_dirs=dict(settings.image_dirs))
   skipped.update(left_out)
   skipped.update(unavailable)
   test = None  # Data-free: evaluate_model runs what needs no in-distribution images.
@@ -826,7 +1008,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
   return evaluate_model(
       predict_fn, info, test, settings, out_sets=out_sets, skipped=skipped, logits_fn=logits_fn,
       noise_config=config.noise if config is not None else None, output_dir=output_dir,
-      step=step, description=description)
+      step=step, description=description, keras_model=keras_model, true_logits=true_logits)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -858,6 +1040,28 @@ _STRICT = flags.DEFINE_bool('strict', False, 'Fail instead of skipping an out-se
 _IMAGENET_MINUS_DIR = flags.DEFINE_string('imagenet_minus_dir', '', 'Folder of ImageNet- images.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'TFDS data_dir; default the run\'s.')
 _SEED = flags.DEFINE_integer('seed', None, 'Evaluation seed; default the run\'s config.seed.')
+_IMAGE_DIRS = flags.DEFINE_list('image_dirs', [], 'Folders of images as out-sets: name=folder,... '
+                                '(use the name in --sets; resized and converted like the others).')
+_EVAL_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Evaluation config, configs/eval.py:paper|quick|strong[,runlocal]; fields '
+    'overridable as --config.x=...; the flags above override it when given.')
+
+# Flag name -> Settings field, for the flags that override an evaluation config when given.
+_OVERRIDES = {'sets': 'sets', 'max_examples': 'max_examples', 'batch_size': 'batch_size',
+              'adv_noise_steps': 'adv_noise_steps', 'adv_noise_restarts': 'adv_noise_restarts',
+              'adv_samples_steps': 'adv_samples_steps', 'table2_examples': 'table2_examples',
+              'strict': 'strict', 'data_dir': 'data_dir',
+              'imagenet_minus_dir': 'imagenet_minus_dir', 'seed': 'seed',
+              'image_dirs': 'image_dirs'}
+
+
+def _flag_value(name):
+  value = flags.FLAGS[name].value
+  if name == 'sets':
+    return tuple(value)
+  if name == 'image_dirs':
+    return parse_image_dirs(value)
+  return value
 
 
 def main(argv):
@@ -865,12 +1069,12 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _WORKDIR.value and not _SAVED_MODEL.value:
     raise app.UsageError('Give --workdir or --saved_model.')
-  settings = Settings(
-      sets=tuple(_SETS.value), max_examples=_MAX_EXAMPLES.value, batch_size=_BATCH_SIZE.value,
-      adv_noise_steps=_ADV_NOISE_STEPS.value, adv_noise_restarts=_ADV_NOISE_RESTARTS.value,
-      adv_samples_steps=_ADV_SAMPLES_STEPS.value, table2_examples=_TABLE2_EXAMPLES.value,
-      strict=_STRICT.value, data_dir=_DATA_DIR.value,
-      imagenet_minus_dir=_IMAGENET_MINUS_DIR.value, seed=_SEED.value)
+  if _EVAL_CONFIG.value is not None:
+    given = {field: _flag_value(name) for name, field in _OVERRIDES.items()
+             if flags.FLAGS[name].present}
+    settings = settings_from_config(_EVAL_CONFIG.value, **given)
+  else:  # Today's flags alone: the paper's protocol.
+    settings = Settings(**{field: _flag_value(name) for name, field in _OVERRIDES.items()})
   results = evaluate_run(settings, workdir=_WORKDIR.value, saved_model=_SAVED_MODEL.value,
                          dataset=_DATASET.value, output_dir=_OUTPUT_DIR.value)
   print(format_table(results))

@@ -11,6 +11,7 @@ set that is not on disk and cannot be downloaded raises input_pipeline.DatasetUn
 load_out_sets skips it (or, strict, raises).
 """
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -46,7 +47,17 @@ OUT_SETS = {s.key: s for s in (
     OutSet('cifar100', 'CIFAR-100', 'cifar100', 'test'),
     OutSet('lsun_classroom', 'LSUN CR', 'lsun/classroom', 'train', LARGE_SET_CAP),
     OutSet('imagenet_minus', 'ImageNet-', '', '', LARGE_SET_CAP),
+    # Offline real images: patches of the photographs bundled in the scikit-image wheel.
+    OutSet('photos', 'Photo patches', '', ''),
 )}
+# Photographs in scikit-image's wheel (skimage/data/, no download): people, animals, objects,
+# textures, the sky. Its synthetic test images (chessboard, colour wheel, text pages) are left out.
+PHOTOS = ('astronaut.png', 'brick.png', 'camera.png', 'chelsea.png', 'coffee.png', 'coins.png',
+          'grass.png', 'gravel.png', 'hubble_deep_field.jpg', 'moon.png', 'motorcycle_left.png',
+          'rocket.jpg')
+PHOTO_PATCH_SIZES = (64, 128)  # Square patches cut at the photos' own resolution, no overlap.
+# Sets read from a folder of images: ImageNet- and any --image_dirs=name=path entry.
+FOLDER_SETS = ('imagenet_minus',)
 
 _MNIST_OUT = ('fmnist', 'emnist', 'gray_cifar10')
 DEFAULT_OUT_SETS = {
@@ -139,6 +150,51 @@ def image_files(folder, max_examples, seed=0):
   return paths
 
 
+def skimage_data_dir():
+  """The folder of scikit-image's bundled images, found without importing scikit-image."""
+  spec = importlib.util.find_spec('skimage')
+  if spec is None or not spec.submodule_search_locations:
+    raise input_pipeline.DatasetUnavailableError(
+        "the 'photos' out-set needs scikit-image (pip install -r requirements.txt).")
+  return os.path.join(spec.submodule_search_locations[0], 'data')
+
+
+def photo_patches(seed=0):
+  """Patches of PHOTOS (grey photos repeated to 3 channels), in a fixed shuffled order.
+
+  Each photo is cut into non-overlapping squares of every size in PHOTO_PATCH_SIZES at its own
+  resolution. The order is a seeded permutation, so a prefix of any length mixes all photos.
+
+  Returns:
+    A list of uint8 [p, p, 3] numpy arrays.
+  """
+  folder = skimage_data_dir()
+  patches = []
+  for name in PHOTOS:
+    path = os.path.join(folder, name)
+    if not tf.io.gfile.exists(path):
+      raise input_pipeline.DatasetUnavailableError(
+          f'{path} is missing: the installed scikit-image does not bundle {name}.')
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
+    for size in PHOTO_PATCH_SIZES:
+      for top in range(0, image.shape[0] - size + 1, size):
+        for left in range(0, image.shape[1] - size + 1, size):
+          patches.append(image[top:top + size, left:left + size])
+  order = np.random.default_rng(seed).permutation(len(patches))
+  return [patches[i] for i in order]
+
+
+def _photo_images(max_examples):
+  patches = photo_patches()[:max_examples]
+  # Resized here (two patch sizes cannot share one tensor); to_image_shape then only converts.
+  size = PHOTO_PATCH_SIZES[0]
+  resized = np.stack([
+      tf.image.resize(tf.cast(p, tf.float32) / 255.0, (size, size), method='bilinear',
+                      antialias=True).numpy() if p.shape[0] != size else p / 255.0
+      for p in patches]).astype(np.float32)
+  return tf.data.Dataset.from_tensor_slices(np.clip(resized, 0.0, 1.0))
+
+
 def _folder_images(folder, max_examples, seed):
   paths = image_files(folder, max_examples, seed)
 
@@ -151,7 +207,7 @@ def _folder_images(folder, max_examples, seed):
 
 
 def load_out_set(key, image_shape, *, data_dir=None, imagenet_minus_dir=None, max_examples=None,
-                 seed=0):
+                 seed=0, image_dirs=None):
   """One out-set as unbatched images of the in-distribution shape.
 
   Args:
@@ -161,6 +217,8 @@ def load_out_set(key, image_shape, *, data_dir=None, imagenet_minus_dir=None, ma
     imagenet_minus_dir: folder of ImageNet- images (any size, jpg/png/...), for 'imagenet_minus'.
     max_examples: number of images to take; None = the whole split (LSUN and ImageNet-: 10,000).
     seed: picks the random subset of the ImageNet- folder.
+    image_dirs: {key: folder of images}: any folder as an out-set (its key need not be in
+      OUT_SETS); a key of OUT_SETS given here is read from the folder.
 
   Returns:
     A tf.data.Dataset of float32 [H, W, C] in [0, 1], in a fixed order.
@@ -168,22 +226,28 @@ def load_out_set(key, image_shape, *, data_dir=None, imagenet_minus_dir=None, ma
   Raises:
     input_pipeline.DatasetUnavailableError: the set is not on disk and cannot be downloaded.
   """
-  if key not in OUT_SETS:
-    raise ValueError(f'Unknown out-set {key!r}; known: {", ".join(OUT_SETS)}.')
-  out_set = OUT_SETS[key]
+  image_dirs = dict(image_dirs or {})
+  if key == 'imagenet_minus' and imagenet_minus_dir:
+    image_dirs.setdefault(key, imagenet_minus_dir)
+  if key not in OUT_SETS and key not in image_dirs:
+    raise ValueError(f'Unknown out-set {key!r}; known: {", ".join(OUT_SETS)}, or a folder given '
+                     'as --image_dirs=name=path.')
+  out_set = OUT_SETS.get(key, OutSet(key, key, '', '', LARGE_SET_CAP))
   limit = max_examples if max_examples is not None else out_set.cap
-  if out_set.tfds_name:
+  if key in image_dirs or key in FOLDER_SETS:
+    ds = _folder_images(image_dirs.get(key, ''), limit, seed)
+  elif key == 'photos':
+    ds = _photo_images(limit)
+  elif out_set.tfds_name:
     ds = _tfds_images(out_set, data_dir)
     if limit is not None:
       ds = ds.take(limit)
-  else:
-    ds = _folder_images(imagenet_minus_dir, limit, seed)
   return ds.map(lambda image: to_image_shape(image, image_shape),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def load_out_sets(keys, image_shape, *, batch_size, data_dir=None, imagenet_minus_dir=None,
-                  max_examples=None, strict=False, seed=0):
+                  max_examples=None, strict=False, seed=0, image_dirs=None):
   """Loads out-sets into memory as batches; a set that cannot be loaded is skipped (or raises).
 
   Loading reads every image here, so a missing, corrupt or empty set shows up now and not halfway
@@ -193,7 +257,7 @@ def load_out_sets(keys, image_shape, *, batch_size, data_dir=None, imagenet_minu
     keys: out-set keys (OUT_SETS).
     image_shape: (H, W, C) of the in-distribution images.
     batch_size: images per batch.
-    data_dir, imagenet_minus_dir, max_examples, seed: see load_out_set.
+    data_dir, imagenet_minus_dir, max_examples, seed, image_dirs: see load_out_set.
     strict: raise instead of skipping.
 
   Returns:
@@ -204,7 +268,7 @@ def load_out_sets(keys, image_shape, *, batch_size, data_dir=None, imagenet_minu
     start = time.time()
     try:
       ds = load_out_set(key, image_shape, data_dir=data_dir, imagenet_minus_dir=imagenet_minus_dir,
-                        max_examples=max_examples, seed=seed)
+                        max_examples=max_examples, seed=seed, image_dirs=image_dirs)
       batches = list(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
       if not batches:
         raise input_pipeline.DatasetUnavailableError(f"out-set '{key}' has no images.")

@@ -12,6 +12,7 @@ term restarts there too (x_{k-1} := x_max), so the first step after a restart is
 Like attacks.pgd it costs one forward + input-gradient pass per step (attacks.
 objective_and_input_gradient) plus one forward of the last iterate, and returns the best point.
 """
+
 import math
 
 import tensorflow as tf
@@ -80,10 +81,17 @@ def apgd(logits_fn, x0, objective, *, eps, steps, seed, labels=None, random_star
   neg_inf = tf.fill([b], float('-inf'))
   # f_prev = +inf: step 0 is no "success"; window j counts the steps w_{j-1} + 1, ..., w_j.
   state = dict(
-      x=x, x_prev=x, f_prev=tf.fill([b], float('inf')), eta=tf.fill([b], 2.0 * eps), best_x=x,
-      best_f=neg_inf,
-      best_g=tf.zeros_like(x), successes=tf.zeros([b]), best_f_ckpt=neg_inf,
-      reduced_last=tf.zeros([b], tf.bool))
+    x=x,
+    x_prev=x,
+    f_prev=tf.fill([b], float('inf')),
+    eta=tf.fill([b], 2.0 * eps),
+    best_x=x,
+    best_f=neg_inf,
+    best_g=tf.zeros_like(x),
+    successes=tf.zeros([b]),
+    best_f_ckpt=neg_inf,
+    reduced_last=tf.zeros([b], tf.bool),
+  )
 
   def body(t, s):
     f, g = grad_fn(s['x'], labels)
@@ -95,21 +103,30 @@ def apgd(logits_fn, x0, objective, *, eps, steps, seed, labels=None, random_star
     best_f_ckpt, reduced_last = s['best_f_ckpt'], s['reduced_last']
     at_ckpt = tf.gather(is_ckpt, t)
     # Conditions 1 and 2 of the paper, evaluated only at checkpoints.
-    reduce = at_ckpt & ((successes < RHO * tf.gather(window, t)) |
-                        (~reduced_last & (best_f <= best_f_ckpt)))
+    reduce = at_ckpt & (
+      (successes < RHO * tf.gather(window, t)) | (~reduced_last & (best_f <= best_f_ckpt))
+    )
     eta = tf.where(reduce, 0.5 * eta, eta)
     x, g = _where(reduce, best_x, x), _where(reduce, best_g, g)
     x_prev, f_prev = _where(reduce, best_x, x_prev), tf.where(reduce, best_f, f_prev)
     best_f_ckpt = tf.where(at_ckpt, best_f, best_f_ckpt)
     reduced_last = tf.where(at_ckpt, reduce, reduced_last)
     successes = tf.where(at_ckpt, tf.zeros_like(successes), successes)
-    z = tf.clip_by_value(x + tf.reshape(eta, [-1] + [1] * (len(x.shape) - 1)) * tf.sign(g), lo,
-                         hi)
+    z = tf.clip_by_value(x + tf.reshape(eta, [-1] + [1] * (len(x.shape) - 1)) * tf.sign(g), lo, hi)
     a = tf.where(t > 0, MOMENTUM, 1.0)
     x_next = tf.clip_by_value(x + a * (z - x) + (1.0 - a) * (x - x_prev), lo, hi)
-    return t + 1, dict(x=x_next, x_prev=x, f_prev=f_prev, eta=eta, best_x=best_x, best_f=best_f,
-                       best_g=best_g, successes=successes, best_f_ckpt=best_f_ckpt,
-                       reduced_last=reduced_last)
+    return t + 1, dict(
+      x=x_next,
+      x_prev=x,
+      f_prev=f_prev,
+      eta=eta,
+      best_x=best_x,
+      best_f=best_f,
+      best_g=best_g,
+      successes=successes,
+      best_f_ckpt=best_f_ckpt,
+      reduced_last=reduced_last,
+    )
 
   _, s = tf.while_loop(lambda t, _: t < steps, body, (tf.constant(0), state))
   f = objective(logits_fn(s['x']), labels)

@@ -3,6 +3,7 @@
 Used by ACET training (maximise the max log-confidence near noise images) and by evaluation
 (adversarial noise; adversarial samples that maximise the true label's cross-entropy).
 """
+
 import keras
 import tensorflow as tf
 
@@ -40,26 +41,41 @@ def _conv2d_grad_cpu(op, grad):
   TensorFlow's own kernels, as the registered Conv2D gradient does.
   """
   x, w = op.inputs
-  attrs = dict(strides=op.get_attr('strides'), padding=op.get_attr('padding'),
-               explicit_paddings=op.get_attr('explicit_paddings'),
-               data_format=op.get_attr('data_format'), dilations=op.get_attr('dilations'),
-               use_cudnn_on_gpu=op.get_attr('use_cudnn_on_gpu'))
+  attrs = dict(
+    strides=op.get_attr('strides'),
+    padding=op.get_attr('padding'),
+    explicit_paddings=op.get_attr('explicit_paddings'),
+    data_format=op.get_attr('data_format'),
+    dilations=op.get_attr('dilations'),
+    use_cudnn_on_gpu=op.get_attr('use_cudnn_on_gpu'),
+  )
   # Pruned when unused, as in PGD, which differentiates with respect to the input only.
   grad_w = tf.raw_ops.Conv2DBackpropFilter(
-      input=x, filter_sizes=tf.shape(w), out_backprop=grad, **attrs)
+    input=x, filter_sizes=tf.shape(w), out_backprop=grad, **attrs
+  )
   kh, kw, c_in, c_out = w.shape
   # x.shape[-1] == c_in == 1: not a grouped convolution (whose filter has 1 channel per group).
-  if (w.dtype == tf.float32 and c_in == 1 and x.shape[-1] == 1 and kh is not None and
-      kw is not None and
-      kh % 2 == 1 and kw % 2 == 1 and attrs['padding'] == b'SAME' and
-      attrs['data_format'] == b'NHWC' and list(attrs['strides']) == [1, 1, 1, 1] and
-      list(attrs['dilations']) == [1, 1, 1, 1]):
+  if (
+    w.dtype == tf.float32
+    and c_in == 1
+    and x.shape[-1] == 1
+    and kh is not None
+    and kw is not None
+    and kh % 2 == 1
+    and kw % 2 == 1
+    and attrs['padding'] == b'SAME'
+    and attrs['data_format'] == b'NHWC'
+    and list(attrs['strides']) == [1, 1, 1, 1]
+    and list(attrs['dilations']) == [1, 1, 1, 1]
+  ):
     flipped = tf.reshape(tf.reverse(w, axis=[0, 1]), [kh, kw, c_out, 1])
     grad_x = tf.reduce_sum(
-        tf.nn.depthwise_conv2d(grad, flipped, [1, 1, 1, 1], 'SAME'), axis=-1, keepdims=True)
+      tf.nn.depthwise_conv2d(grad, flipped, [1, 1, 1, 1], 'SAME'), axis=-1, keepdims=True
+    )
   else:
     grad_x = tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=tf.shape(x), filter=w, out_backprop=grad, **attrs)
+      input_sizes=tf.shape(x), filter=w, out_backprop=grad, **attrs
+    )
   return grad_x, grad_w
 
 
@@ -83,6 +99,7 @@ def _unit_logit_gradient(logits):
     def grad(dz):
       peak = tf.reduce_max(tf.abs(dz), axis=-1, keepdims=True)
       return dz / tf.where(peak > 0, peak, tf.ones_like(peak))
+
     return tf.identity(z), grad
 
   return identity(logits)
@@ -136,8 +153,7 @@ def _per_example(mask, like):
   return tf.reshape(mask, [-1] + [1] * (len(like.shape) - 1))
 
 
-def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None,
-        random_start=True):
+def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None, random_start=True):
   """Maximises `objective` per example over ||u - x0||_inf <= eps, u in [0, 1].
 
   Sign-gradient ascent with projection. The result is, per example, the best point seen: the
@@ -187,6 +203,7 @@ def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None,
 
   if steps > 0:
     _, u, best_u, best_obj = tf.while_loop(
-        lambda t, *_: t < steps, body, (tf.constant(0), u, best_u, best_obj))
+      lambda t, *_: t < steps, body, (tf.constant(0), u, best_u, best_obj)
+    )
   best_u, best_obj = keep_best(u, objective(logits_fn(u), labels), best_u, best_obj)
   return tf.stop_gradient(best_u), tf.stop_gradient(best_obj)

@@ -5,6 +5,7 @@ keeps its own slice. So noise images and PGD starts are identical on 1 or N repl
 resume), which makes the distributed update equal the single-device one. The extra draws are cheap
 next to the forward and backward passes they feed.
 """
+
 import tensorflow as tf
 
 
@@ -21,8 +22,9 @@ def uniform(seed, local_batch, example_shape, minval=0.0, maxval=1.0):
   """float32 [local_batch, *example_shape] uniform in [minval, maxval), this replica's slice."""
   offset, total = batch_position(local_batch)
   draws = tf.random.stateless_uniform(
-      [total, *example_shape], seed=seed, minval=minval, maxval=maxval)
-  return draws[offset:offset + local_batch]
+    [total, *example_shape], seed=seed, minval=minval, maxval=maxval
+  )
+  return draws[offset : offset + local_batch]
 
 
 def split(seed, num):

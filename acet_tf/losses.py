@@ -1,8 +1,9 @@
-"""Per-example losses of the paper and the weight decay (RECIPE.md "Losses").
+"""Per-example losses of the paper and the weight decay (docs/recipe.md "Losses").
 
 Everything here is per example (no reduction): the train step reduces over the global batch, so
 the update is the same on one or many replicas.
 """
+
 import keras
 import tensorflow as tf
 
@@ -10,7 +11,8 @@ import tensorflow as tf
 def cross_entropy(logits, labels):
   """Softmax cross-entropy. logits: [B, K]; labels: int [B]. Returns float32 [B]."""
   return tf.nn.sparse_softmax_cross_entropy_with_logits(
-      labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32))
+    labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)
+  )
 
 
 def max_log_confidence(logits):
@@ -43,8 +45,9 @@ def decayed_variables(model, rule):
   if rule != 'reference':
     raise ValueError(f'weight_decay_variables must be one of {WEIGHT_DECAY_RULES}, got {rule!r}.')
   weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-  chosen = {id(v) for layer in model.layers if isinstance(layer, weighted)
-            for v in layer.trainable_weights}
+  chosen = {
+    id(v) for layer in model.layers if isinstance(layer, weighted) for v in layer.trainable_weights
+  }
   return [v for v in model.trainable_variables if id(v) in chosen]
 
 

@@ -2,15 +2,16 @@
 
 Conventions: a score is a model's confidence, max_k softmax_k, so higher means "more
 in-distribution". The in-distribution test set is the positive class, the out-set the negative one.
-Every function takes 1-D array-likes, works in float64, and raises ValueError on empty, non-finite or
+Every function takes 1-D array-likes, works in float64, and raises ValueError on empty, non-finite
+or
 non-1-D input. Everything is sorting-based (O(n log n)), so 10^5 points take milliseconds.
 Pure numpy/scipy: no TensorFlow here, so evaluation can run on saved confidences.
 """
+
 import math
 
 import numpy as np
 from scipy import stats
-
 
 # --------------------------------------------------------------------------------------------------
 # Input validation
@@ -30,15 +31,15 @@ def _as_1d(x, name, allow_inf=False):
   bad = np.isnan(a) if allow_inf else ~np.isfinite(a)
   if bad.any():
     what = 'NaN' if allow_inf else 'non-finite (NaN or inf)'
-    raise ValueError(f'{name} has {int(bad.sum())} {what} value(s), the first at index '
-                     f'{int(np.argmax(bad))}.')
+    raise ValueError(
+      f'{name} has {int(bad.sum())} {what} value(s), the first at index {int(np.argmax(bad))}.'
+    )
   return a
 
 
 def _same_length(a, a_name, b, b_name):
   if a.shape != b.shape:
-    raise ValueError(f'{a_name} and {b_name} must have the same length, got {a.size} and '
-                     f'{b.size}.')
+    raise ValueError(f'{a_name} and {b_name} must have the same length, got {a.size} and {b.size}.')
 
 
 def _check_fraction(value, name):
@@ -124,7 +125,8 @@ def _cumulative_counts(pos, neg):
 def auroc(in_scores, out_scores):
   """Area under the ROC curve, exactly, from ranks (Mann-Whitney U).
 
-  AUROC = P(s_in > s_out) + 1/2 P(s_in == s_out) over all (in, out) pairs; all-equal scores give 0.5.
+  AUROC = P(s_in > s_out) + 1/2 P(s_in == s_out) over all (in, out) pairs; all-equal
+  scores give 0.5.
 
   Args:
     in_scores: [N] scores of the in-distribution (positive) points.
@@ -136,7 +138,7 @@ def auroc(in_scores, out_scores):
   pos, neg = _as_scores(in_scores, out_scores)
   # Average ranks give tied pairs exactly 1/2; rank sums are half-integers, exact in float64.
   ranks = stats.rankdata(np.concatenate([pos, neg]), method='average')
-  u = ranks[:pos.size].sum() - pos.size * (pos.size + 1) / 2.0
+  u = ranks[: pos.size].sum() - pos.size * (pos.size + 1) / 2.0
   return float(u / (pos.size * neg.size))
 
 
@@ -153,7 +155,8 @@ def aupr_in(in_scores, out_scores):
 
   Step-wise average precision as in sklearn.metrics.average_precision_score:
   AP = sum_k (R_k - R_{k-1}) P_k, where k runs over the distinct scores in decreasing order (equal
-  scores form one threshold), P_k and R_k are precision and recall of "score >= k-th score", R_0 = 0.
+  scores form one threshold), P_k and R_k are precision and recall of "score >= k-th score",
+  R_0 = 0.
 
   Args:
     in_scores: [N] scores of the in-distribution points.
@@ -187,7 +190,8 @@ def fpr_at_tpr(in_scores, out_scores, tpr=0.95):
   interpolation (the reference's np.percentile(conf_in, 5)): sort the N in-scores ascending as
   x_0 <= ... <= x_{N-1}, h = (N - 1) * (1 - tpr), threshold = x_floor(h) + (h - floor(h)) *
   (x_floor(h)+1 - x_floor(h)). FPR = share of out-scores >= threshold, so out points exactly at the
-  threshold are false positives. The TPR actually reached may exceed `tpr` slightly (ties, rounding).
+  threshold are false positives. The TPR actually reached may exceed `tpr` slightly (ties,
+  rounding).
 
   Args:
     in_scores: [N] scores of the in-distribution points.
@@ -233,11 +237,11 @@ def ood_metrics(in_scores, out_scores):
     {'mmc': MMC of the out-set, 'auroc', 'aupr_in', 'aupr_out', 'fpr95'}, floats.
   """
   return {
-      'mmc': _mmc(out_scores, 'out_scores'),
-      'auroc': auroc(in_scores, out_scores),
-      'aupr_in': aupr_in(in_scores, out_scores),
-      'aupr_out': aupr_out(in_scores, out_scores),
-      'fpr95': fpr_at_tpr(in_scores, out_scores, tpr=0.95),
+    'mmc': _mmc(out_scores, 'out_scores'),
+    'auroc': auroc(in_scores, out_scores),
+    'aupr_in': aupr_in(in_scores, out_scores),
+    'aupr_out': aupr_out(in_scores, out_scores),
+    'fpr95': fpr_at_tpr(in_scores, out_scores, tpr=0.95),
   }
 
 
@@ -328,8 +332,8 @@ def alpha_summary(alphas, alpha_max):
   unreached = a >= alpha_max
   a = np.sort(np.where(unreached, np.inf, a))
   return {
-      'median': _quantile_with_inf(a, 0.5),
-      'q25': _quantile_with_inf(a, 0.25),
-      'q75': _quantile_with_inf(a, 0.75),
-      'share_unreached': float(unreached.mean()),
+    'median': _quantile_with_inf(a, 0.5),
+    'q25': _quantile_with_inf(a, 0.25),
+    'q75': _quantile_with_inf(a, 0.75),
+    'share_unreached': float(unreached.mean()),
   }

@@ -1,10 +1,11 @@
-"""The out-distribution p_out of the paper: low-pass filtered noise images (RECIPE.md).
+"""The out-distribution p_out of the paper: low-pass filtered noise images (docs/recipe.md).
 
 Half the images (`permuted_fraction`) permute the pixel positions of a training image, keeping
 each pixel's colour vector; the rest are uniform in [0, 1]. Then a Gaussian blur with a per-image
 sigma ~ U[sigma_min, sigma_max] (the reference drew one sigma per batch), a kernel_size x
 kernel_size kernel normalised to 1, symmetric padding, and a per-image min-max rescale to [0, 1].
 """
+
 import ml_collections
 import tensorflow as tf
 
@@ -14,8 +15,9 @@ from acet_tf import batch_random
 def paper_noise_config():
   """The paper's p_out settings (docs/recipe.md): what configs/common.py trains with, and what
   evaluation draws when it has no run config (an export without metadata)."""
-  return ml_collections.ConfigDict(dict(
-      permuted_fraction=0.5, sigma_min=1.0, sigma_max=2.5, kernel_size=15))
+  return ml_collections.ConfigDict(
+    dict(permuted_fraction=0.5, sigma_min=1.0, sigma_max=2.5, kernel_size=15)
+  )
 
 
 def _reflect_band(n, kernel_size):
@@ -105,6 +107,5 @@ def make_noise(images, seed, noise_config):
   permuted = permute_pixels(images, seed_permute)
   choose = is_permuted(b, noise_config.permuted_fraction)
   noise = tf.where(choose[:, None, None, None], permuted, uniform)
-  sigmas = batch_random.uniform(
-      seed_sigma, b, [], noise_config.sigma_min, noise_config.sigma_max)
+  sigmas = batch_random.uniform(seed_sigma, b, [], noise_config.sigma_min, noise_config.sigma_max)
   return rescale_per_image(gaussian_blur(noise, sigmas, noise_config.kernel_size))

@@ -1,4 +1,5 @@
-"""The out-distribution datasets of Table 1, per in-distribution dataset (RECIPE.md "Evaluation").
+"""The out-distribution datasets of Table 1, per in-distribution dataset
+(docs/recipe.md "Evaluation").
 
 MNIST (and the offline mnist5k) -> FMNIST, EMNIST letters, grayCIFAR-10; SVHN -> CIFAR-10,
 CIFAR-100, LSUN classroom, ImageNet-; CIFAR-10 -> SVHN, CIFAR-100, LSUN classroom, ImageNet-;
@@ -10,6 +11,7 @@ colour channels for a grey in-distribution (so CIFAR-10 for MNIST is "grayCIFAR-
 set that is not on disk and cannot be downloaded raises input_pipeline.DatasetUnavailableError;
 load_out_sets skips it (or, strict, raises).
 """
+
 import dataclasses
 import importlib.util
 import os
@@ -38,7 +40,9 @@ class OutSet:
   cap: int | None = None  # Default number of images when --max_examples is not given.
 
 
-OUT_SETS = {s.key: s for s in (
+OUT_SETS = {
+  s.key: s
+  for s in (
     OutSet('fmnist', 'FMNIST', 'fashion_mnist', 'test'),
     OutSet('emnist', 'EMNIST (letters)', 'emnist/letters', 'test'),
     OutSet('gray_cifar10', 'grayCIFAR-10', 'cifar10', 'test'),
@@ -49,23 +53,35 @@ OUT_SETS = {s.key: s for s in (
     OutSet('imagenet_minus', 'ImageNet-', '', '', LARGE_SET_CAP),
     # Offline real images: patches of the photographs bundled in the scikit-image wheel.
     OutSet('photos', 'Photo patches', '', ''),
-)}
+  )
+}
 # Photographs in scikit-image's wheel (skimage/data/, no download): people, animals, objects,
 # textures, the sky. Its synthetic test images (chessboard, colour wheel, text pages) are left out.
-PHOTOS = ('astronaut.png', 'brick.png', 'camera.png', 'chelsea.png', 'coffee.png', 'coins.png',
-          'grass.png', 'gravel.png', 'hubble_deep_field.jpg', 'moon.png', 'motorcycle_left.png',
-          'rocket.jpg')
+PHOTOS = (
+  'astronaut.png',
+  'brick.png',
+  'camera.png',
+  'chelsea.png',
+  'coffee.png',
+  'coins.png',
+  'grass.png',
+  'gravel.png',
+  'hubble_deep_field.jpg',
+  'moon.png',
+  'motorcycle_left.png',
+  'rocket.jpg',
+)
 PHOTO_PATCH_SIZES = (64, 128)  # Square patches cut at the photos' own resolution, no overlap.
 # Sets read from a folder of images: ImageNet- and any --image_dirs=name=path entry.
 FOLDER_SETS = ('imagenet_minus',)
 
 _MNIST_OUT = ('fmnist', 'emnist', 'gray_cifar10')
 DEFAULT_OUT_SETS = {
-    'mnist': _MNIST_OUT,
-    input_pipeline.MNIST5K: _MNIST_OUT,
-    'svhn_cropped': ('cifar10', 'cifar100', 'lsun_classroom', 'imagenet_minus'),
-    'cifar10': ('svhn', 'cifar100', 'lsun_classroom', 'imagenet_minus'),
-    'cifar100': ('svhn', 'cifar10', 'lsun_classroom', 'imagenet_minus'),
+  'mnist': _MNIST_OUT,
+  input_pipeline.MNIST5K: _MNIST_OUT,
+  'svhn_cropped': ('cifar10', 'cifar100', 'lsun_classroom', 'imagenet_minus'),
+  'cifar10': ('svhn', 'cifar100', 'lsun_classroom', 'imagenet_minus'),
+  'cifar100': ('svhn', 'cifar10', 'lsun_classroom', 'imagenet_minus'),
 }
 
 
@@ -77,9 +93,11 @@ def default_out_sets(dataset):
   if custom_data.is_custom(dataset):
     return ()
   if dataset not in DEFAULT_OUT_SETS:
-    raise ValueError(f'No out-distribution datasets are defined for {dataset!r} (known: '
-                     f'{", ".join(sorted(DEFAULT_OUT_SETS))}); choose them with --sets from '
-                     f'{", ".join(OUT_SETS)}.')
+    raise ValueError(
+      f'No out-distribution datasets are defined for {dataset!r} (known: '
+      f'{", ".join(sorted(DEFAULT_OUT_SETS))}); choose them with --sets from '
+      f'{", ".join(OUT_SETS)}.'
+    )
   return DEFAULT_OUT_SETS[dataset]
 
 
@@ -120,30 +138,38 @@ def _tfds_images(out_set, data_dir):
       ds = builder.as_dataset(split=out_set.split, shuffle_files=False)
     except (AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
       raise input_pipeline.DatasetUnavailableError(
-          f"dataset '{out_set.tfds_name}' is not prepared in "
-          f"{data_dir or '~/tensorflow_datasets'}: run `tfds build {out_set.tfds_name}` (needs "
-          'tensorflow-io) where there is network and copy it here, or pass --data_dir.') from e
-    return ds.map(lambda example: tf.cast(example['image'], tf.float32) / 255.0,
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        f"dataset '{out_set.tfds_name}' is not prepared in "
+        f'{data_dir or "~/tensorflow_datasets"}: run `tfds build {out_set.tfds_name}` (needs '
+        'tensorflow-io) where there is network and copy it here, or pass --data_dir.'
+      ) from e
+    return ds.map(
+      lambda example: tf.cast(example['image'], tf.float32) / 255.0,
+      num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True,
+    )
   # load_split transposes EMNIST and fails fast (DatasetUnavailableError) when offline.
   ds = input_pipeline.load_split(out_set.tfds_name, out_set.split, data_dir or None)
-  return ds.map(lambda image, label: image, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+  return ds.map(lambda image, label: image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def image_files(folder, max_examples, seed=0):
   """Image paths under `folder` (recursive): a seeded random subset of `max_examples`, or all."""
   if not folder:
     raise input_pipeline.DatasetUnavailableError(
-        'ImageNet- is not public: pass --imagenet_minus_dir=<folder of images>.')
+      'ImageNet- is not public: pass --imagenet_minus_dir=<folder of images>.'
+    )
   if not tf.io.gfile.isdir(folder):
     raise input_pipeline.DatasetUnavailableError(f'image folder {folder} does not exist.')
   paths = sorted(
-      os.path.join(root, name) for root, _, names in tf.io.gfile.walk(folder) for name in names
-      if name.lower().endswith(IMAGE_EXTENSIONS))
+    os.path.join(root, name)
+    for root, _, names in tf.io.gfile.walk(folder)
+    for name in names
+    if name.lower().endswith(IMAGE_EXTENSIONS)
+  )
   if not paths:
     raise input_pipeline.DatasetUnavailableError(
-        f'image folder {folder} holds no {"/".join(IMAGE_EXTENSIONS)} files.')
+      f'image folder {folder} holds no {"/".join(IMAGE_EXTENSIONS)} files.'
+    )
   if max_examples is not None and max_examples < len(paths):
     chosen = np.random.default_rng(seed).choice(len(paths), max_examples, replace=False)
     paths = [paths[i] for i in sorted(chosen)]
@@ -155,7 +181,8 @@ def skimage_data_dir():
   spec = importlib.util.find_spec('skimage')
   if spec is None or not spec.submodule_search_locations:
     raise input_pipeline.DatasetUnavailableError(
-        "the 'photos' out-set needs scikit-image (pip install -r requirements.txt).")
+      "the 'photos' out-set needs scikit-image (pip install -r requirements.txt)."
+    )
   return os.path.join(spec.submodule_search_locations[0], 'data')
 
 
@@ -174,12 +201,13 @@ def photo_patches(seed=0):
     path = os.path.join(folder, name)
     if not tf.io.gfile.exists(path):
       raise input_pipeline.DatasetUnavailableError(
-          f'{path} is missing: the installed scikit-image does not bundle {name}.')
+        f'{path} is missing: the installed scikit-image does not bundle {name}.'
+      )
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False).numpy()
     for size in PHOTO_PATCH_SIZES:
       for top in range(0, image.shape[0] - size + 1, size):
         for left in range(0, image.shape[1] - size + 1, size):
-          patches.append(image[top:top + size, left:left + size])
+          patches.append(image[top : top + size, left : left + size])
   order = np.random.default_rng(seed).permutation(len(patches))
   return [patches[i] for i in order]
 
@@ -188,10 +216,16 @@ def _photo_images(max_examples):
   patches = photo_patches()[:max_examples]
   # Resized here (two patch sizes cannot share one tensor); to_image_shape then only converts.
   size = PHOTO_PATCH_SIZES[0]
-  resized = np.stack([
-      tf.image.resize(tf.cast(p, tf.float32) / 255.0, (size, size), method='bilinear',
-                      antialias=True).numpy() if p.shape[0] != size else p / 255.0
-      for p in patches]).astype(np.float32)
+  resized = np.stack(
+    [
+      tf.image.resize(
+        tf.cast(p, tf.float32) / 255.0, (size, size), method='bilinear', antialias=True
+      ).numpy()
+      if p.shape[0] != size
+      else p / 255.0
+      for p in patches
+    ]
+  ).astype(np.float32)
   return tf.data.Dataset.from_tensor_slices(np.clip(resized, 0.0, 1.0))
 
 
@@ -203,11 +237,20 @@ def _folder_images(folder, max_examples, seed):
     return tf.cast(image, tf.float32) / 255.0
 
   return tf.data.Dataset.from_tensor_slices(paths).map(
-      read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+  )
 
 
-def load_out_set(key, image_shape, *, data_dir=None, imagenet_minus_dir=None, max_examples=None,
-                 seed=0, image_dirs=None):
+def load_out_set(
+  key,
+  image_shape,
+  *,
+  data_dir=None,
+  imagenet_minus_dir=None,
+  max_examples=None,
+  seed=0,
+  image_dirs=None,
+):
   """One out-set as unbatched images of the in-distribution shape.
 
   Args:
@@ -230,8 +273,10 @@ def load_out_set(key, image_shape, *, data_dir=None, imagenet_minus_dir=None, ma
   if key == 'imagenet_minus' and imagenet_minus_dir:
     image_dirs.setdefault(key, imagenet_minus_dir)
   if key not in OUT_SETS and key not in image_dirs:
-    raise ValueError(f'Unknown out-set {key!r}; known: {", ".join(OUT_SETS)}, or a folder given '
-                     'as --image_dirs=name=path.')
+    raise ValueError(
+      f'Unknown out-set {key!r}; known: {", ".join(OUT_SETS)}, or a folder given '
+      'as --image_dirs=name=path.'
+    )
   out_set = OUT_SETS.get(key, OutSet(key, key, '', '', LARGE_SET_CAP))
   limit = max_examples if max_examples is not None else out_set.cap
   if key in image_dirs or key in FOLDER_SETS:
@@ -242,12 +287,25 @@ def load_out_set(key, image_shape, *, data_dir=None, imagenet_minus_dir=None, ma
     ds = _tfds_images(out_set, data_dir)
     if limit is not None:
       ds = ds.take(limit)
-  return ds.map(lambda image: to_image_shape(image, image_shape),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.map(
+    lambda image: to_image_shape(image, image_shape),
+    num_parallel_calls=tf.data.AUTOTUNE,
+    deterministic=True,
+  )
 
 
-def load_out_sets(keys, image_shape, *, batch_size, data_dir=None, imagenet_minus_dir=None,
-                  max_examples=None, strict=False, seed=0, image_dirs=None):
+def load_out_sets(
+  keys,
+  image_shape,
+  *,
+  batch_size,
+  data_dir=None,
+  imagenet_minus_dir=None,
+  max_examples=None,
+  strict=False,
+  seed=0,
+  image_dirs=None,
+):
   """Loads out-sets into memory as batches; a set that cannot be loaded is skipped (or raises).
 
   Loading reads every image here, so a missing, corrupt or empty set shows up now and not halfway
@@ -267,8 +325,15 @@ def load_out_sets(keys, image_shape, *, batch_size, data_dir=None, imagenet_minu
   for key in keys:
     start = time.time()
     try:
-      ds = load_out_set(key, image_shape, data_dir=data_dir, imagenet_minus_dir=imagenet_minus_dir,
-                        max_examples=max_examples, seed=seed, image_dirs=image_dirs)
+      ds = load_out_set(
+        key,
+        image_shape,
+        data_dir=data_dir,
+        imagenet_minus_dir=imagenet_minus_dir,
+        max_examples=max_examples,
+        seed=seed,
+        image_dirs=image_dirs,
+      )
       batches = list(ds.batch(batch_size).prefetch(tf.data.AUTOTUNE))
       if not batches:
         raise input_pipeline.DatasetUnavailableError(f"out-set '{key}' has no images.")
@@ -276,11 +341,16 @@ def load_out_sets(keys, image_shape, *, batch_size, data_dir=None, imagenet_minu
       reason = ' '.join(str(e).split()) or type(e).__name__  # One line.
       if strict:
         raise input_pipeline.DatasetUnavailableError(
-            f"out-set '{key}' cannot be loaded (--strict): {reason}") from e
+          f"out-set '{key}' cannot be loaded (--strict): {reason}"
+        ) from e
       logging.warning('Skipping out-set %s: %s', key, reason)
       skipped[key] = reason
       continue
     sets[key] = batches
-    logging.info('out-set %s: loaded %d images in %.1f s', key,
-                 sum(int(b.shape[0]) for b in batches), time.time() - start)
+    logging.info(
+      'out-set %s: loaded %d images in %.1f s',
+      key,
+      sum(int(b.shape[0]) for b in batches),
+      time.time() - start,
+    )
   return sets, skipped

@@ -3,6 +3,7 @@
 Matplotlib with the Agg canvas (no display, no pyplot state). Every function takes numpy arrays,
 returns the matplotlib Figure and, given `path`, writes it there as a PNG.
 """
+
 import math
 
 from matplotlib import figure as mpl_figure

@@ -19,6 +19,7 @@ onto the Keras layers of `models.preact_resnet` (the reference's "resnet_small")
 Kernel layouts agree (conv HWIO, dense [in, out], LeNet's flatten in NHWC order), so values are
 copied unchanged. Optimizer slots and the step counter are not model weights and are skipped.
 """
+
 import hashlib
 import re
 
@@ -32,8 +33,7 @@ from acet_tf import runs
 # The reference's model names -> acet_tf's (config.model).
 ARCHITECTURES = {'resnet_small': 'preact_resnet', 'lenet': 'lenet'}
 # The reference's dataset names (its data.py) -> acet_tf's (TFDS names).
-DATASETS = {'mnist': 'mnist', 'svhn': 'svhn_cropped', 'cifar10': 'cifar10',
-            'cifar100': 'cifar100'}
+DATASETS = {'mnist': 'mnist', 'svhn': 'svhn_cropped', 'cifar10': 'cifar10', 'cifar100': 'cifar100'}
 # Not model weights: the momentum / Adam slots and the counters of the TF 1 training graph.
 OPTIMIZER_SLOT_SUFFIXES = ('/Momentum', '/Adam', '/Adam_1')
 COUNTERS = ('Variable', 'global_step', 'beta1_power', 'beta2_power')
@@ -71,21 +71,29 @@ def parse_run_name(name):
   fields = dict(re.findall(r'(?:^|\s|(?<=\d)_)([a-z][a-z_]*)=(\S+)', name))
   missing = [k for k in ('dataset', 'model', 'at_frac', 'pgd_niter') if k not in fields]
   if missing:
-    raise ValueError(f'{name!r} is not one of the authors\' run names (no {"=, ".join(missing)}=); '
-                     'pass --dataset and --method.')
+    raise ValueError(
+      f"{name!r} is not one of the authors' run names (no {'=, '.join(missing)}=); "
+      'pass --dataset and --method.'
+    )
   if fields['dataset'] not in DATASETS:
-    raise ValueError(f'Run {name!r}: unknown dataset {fields["dataset"]!r}; known: '
-                     f'{", ".join(DATASETS)}.')
+    raise ValueError(
+      f'Run {name!r}: unknown dataset {fields["dataset"]!r}; known: {", ".join(DATASETS)}.'
+    )
   if fields['model'] not in ARCHITECTURES:
-    raise ValueError(f'Run {name!r}: unknown model {fields["model"]!r}; known: '
-                     f'{", ".join(ARCHITECTURES)}.')
+    raise ValueError(
+      f'Run {name!r}: unknown model {fields["model"]!r}; known: {", ".join(ARCHITECTURES)}.'
+    )
   try:
     at_frac, pgd_niter = float(fields['at_frac']), int(fields['pgd_niter'])
   except ValueError as e:
     raise ValueError(f'Run {name!r}: at_frac / pgd_niter are not numbers: {e}') from e
   method = 'plain' if at_frac == 0 else ('acet' if pgd_niter > 0 else 'ceda')
-  return {'fields': fields, 'dataset': DATASETS[fields['dataset']],
-          'model': ARCHITECTURES[fields['model']], 'method': method}
+  return {
+    'fields': fields,
+    'dataset': DATASETS[fields['dataset']],
+    'model': ARCHITECTURES[fields['model']],
+    'method': method,
+  }
 
 
 def run_name_of(checkpoint):
@@ -124,9 +132,11 @@ def resolve(checkpoint, dataset=None, method=None, run_name=None):
   dataset = dataset or (parsed and parsed['dataset'])
   method = method or (parsed and parsed['method'])
   if not dataset or not method:
-    raise ValueError(f'{checkpoint} is not in a folder named like the authors\' runs '
-                     '(<run name>/models/<run name>-<epoch>): pass --dataset and --method (or '
-                     '--run_name).')
+    raise ValueError(
+      f"{checkpoint} is not in a folder named like the authors' runs "
+      '(<run name>/models/<run name>-<epoch>): pass --dataset and --method (or '
+      '--run_name).'
+    )
   return dataset, method, run_name
 
 
@@ -150,8 +160,10 @@ def read_checkpoint(checkpoint):
   try:
     reader = tf.train.load_checkpoint(checkpoint)
   except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as e:
-    raise FileNotFoundError(f'Cannot read a TF checkpoint at {checkpoint!r} (give the prefix, '
-                            f'e.g. DIR/model-100, without .index): {e}') from e
+    raise FileNotFoundError(
+      f'Cannot read a TF checkpoint at {checkpoint!r} (give the prefix, '
+      f'e.g. DIR/model-100, without .index): {e}'
+    ) from e
   names = sorted(reader.get_variable_to_shape_map())
   weights = {n: reader.get_tensor(n) for n in names if is_model_weight(n)}
   step = int(reader.get_tensor(STEP_VARIABLE)) if STEP_VARIABLE in names else None
@@ -166,9 +178,11 @@ def architecture_of(names):
   if 'conv1/conv1/weights' in names:
     return 'lenet'
   shown = ', '.join(sorted(names)[:8])
-  raise ValueError(f'Unknown architecture: the checkpoint has neither the reference\'s '
-                   f'resnet_small (block_init/conv/weights) nor its lenet (conv1/conv1/weights); '
-                   f'its variables begin {shown}{", ..." if len(names) > 8 else ""}.')
+  raise ValueError(
+    f"Unknown architecture: the checkpoint has neither the reference's "
+    f'resnet_small (block_init/conv/weights) nor its lenet (conv1/conv1/weights); '
+    f'its variables begin {shown}{", ..." if len(names) > 8 else ""}.'
+  )
 
 
 def _layer_variables(layer):
@@ -202,8 +216,10 @@ def reference_names(model, architecture):
     for short, variable in variables.items():
       table[f'{scope}/{_TF1_NAMES.get(short, short)}'] = variable
   if unknown:
-    raise MismatchError(f'Model {model.name} has layers with no counterpart in the reference\'s '
-                        f'{architecture}: {"; ".join(unknown)}.')
+    raise MismatchError(
+      f"Model {model.name} has layers with no counterpart in the reference's "
+      f'{architecture}: {"; ".join(unknown)}.'
+    )
   return table
 
 
@@ -213,10 +229,14 @@ _TF1_NAMES = {'kernel': 'weights', 'bias': 'biases'}
 def _scope(layer_name, architecture):
   """The reference's variable scope of a Keras layer, or None if it has none."""
   if architecture == 'lenet':
-    return {'conv1': 'conv1/conv1', 'conv2': 'conv2/conv2', 'fc1': 'fc1',
-            'logits': 'fc2'}.get(layer_name)
-  fixed = {'stem_conv': 'block_init/conv', 'final_bn': 'unit_last/batch_normalization',
-           'logits': 'logit/fc'}
+    return {'conv1': 'conv1/conv1', 'conv2': 'conv2/conv2', 'fc1': 'fc1', 'logits': 'fc2'}.get(
+      layer_name
+    )
+  fixed = {
+    'stem_conv': 'block_init/conv',
+    'final_bn': 'unit_last/batch_normalization',
+    'logits': 'logit/fc',
+  }
   if layer_name in fixed:
     return fixed[layer_name]
   match = _RESNET_UNIT.match(layer_name)
@@ -226,29 +246,41 @@ def _scope(layer_name, architecture):
   block = f'block_{stage}_{unit}'
   if part == 'bn1':
     # The first unit of a stage shares its pre-activation with the shortcut.
-    return f'{block}/{"shared_activation" if unit == 0 else "residual_only_activation"}/' \
-           'batch_normalization'
-  return {'conv1': f'{block}/sub1/conv1', 'bn2': f'{block}/sub2/batch_normalization',
-          'conv2': f'{block}/sub2/conv2'}[part]
+    return (
+      f'{block}/{"shared_activation" if unit == 0 else "residual_only_activation"}/'
+      'batch_normalization'
+    )
+  return {
+    'conv1': f'{block}/sub1/conv1',
+    'bn2': f'{block}/sub2/batch_normalization',
+    'conv2': f'{block}/sub2/conv2',
+  }[part]
 
 
 def check_fits(weights, table):
   """Raises MismatchError listing every missing, extra and misshapen variable (both shapes)."""
   problems = []
   for name in sorted(set(table) - set(weights)):
-    problems.append(f'missing: {name} (model {table[name].path}, shape '
-                    f'{tuple(table[name].shape)}) is not in the checkpoint')
+    problems.append(
+      f'missing: {name} (model {table[name].path}, shape '
+      f'{tuple(table[name].shape)}) is not in the checkpoint'
+    )
   for name in sorted(set(weights) - set(table)):
-    problems.append(f'extra: {name} (checkpoint shape {tuple(weights[name].shape)}) has no '
-                    'place in the model')
+    problems.append(
+      f'extra: {name} (checkpoint shape {tuple(weights[name].shape)}) has no place in the model'
+    )
   for name in sorted(set(weights) & set(table)):
     want, got = tuple(table[name].shape), tuple(weights[name].shape)
     if want != got:
-      problems.append(f'shape: {name} has shape {got} in the checkpoint, the model '
-                      f'({table[name].path}) expects {want}')
+      problems.append(
+        f'shape: {name} has shape {got} in the checkpoint, the model '
+        f'({table[name].path}) expects {want}'
+      )
   if problems:
-    raise MismatchError(f'The checkpoint does not fit the model ({len(problems)} problems):\n  '
-                        + '\n  '.join(problems))
+    raise MismatchError(
+      f'The checkpoint does not fit the model ({len(problems)} problems):\n  '
+      + '\n  '.join(problems)
+    )
 
 
 def load_into(model, weights, architecture):
@@ -304,8 +336,10 @@ def import_checkpoint(checkpoint, workdir, config, *, run_name=None, config_sour
   weights, step, skipped = read_checkpoint(checkpoint)
   architecture = architecture_of(weights)
   if ARCHITECTURES[architecture] != config.model:
-    raise MismatchError(f'The checkpoint holds the reference\'s {architecture} (acet_tf '
-                        f'{ARCHITECTURES[architecture]!r}) but config.model is {config.model!r}.')
+    raise MismatchError(
+      f"The checkpoint holds the reference's {architecture} (acet_tf "
+      f'{ARCHITECTURES[architecture]!r}) but config.model is {config.model!r}.'
+    )
   info = known_datasets.get_info(config.dataset, config.data_dir or None)
   model = models.create_model(config.model, info.image_shape, info.num_classes)
   load_into(model, weights, architecture)  # Raises before anything is written.
@@ -315,15 +349,19 @@ def import_checkpoint(checkpoint, workdir, config, *, run_name=None, config_sour
     match = re.search(r'-(\d+)$', checkpoint)
     step = int(match.group(1)) if match else 0
   if tf.io.gfile.exists(runs.checkpoint_dir(workdir)) or tf.io.gfile.exists(
-      f'{workdir}/{runs.CONFIG}'):
+    f'{workdir}/{runs.CONFIG}'
+  ):
     raise FileExistsError(f'{workdir} already holds a run; import into a new directory.')
   tf.io.gfile.makedirs(workdir)
   runs.write_config(workdir, config)
-  manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
-                                       runs.checkpoint_dir(workdir), max_to_keep=1)
+  manager = tf.train.CheckpointManager(
+    tf.train.Checkpoint(model=model), runs.checkpoint_dir(workdir), max_to_keep=1
+  )
   path = manager.save(checkpoint_number=step)
   files = sorted(tf.io.gfile.glob(checkpoint + '.*'))
-  runs.write_json(f'{workdir}/{runs.SOURCE}', {
+  runs.write_json(
+    f'{workdir}/{runs.SOURCE}',
+    {
       'checkpoint': checkpoint,
       'run_name': run_name,
       'architecture': architecture,
@@ -331,12 +369,16 @@ def import_checkpoint(checkpoint, workdir, config, *, run_name=None, config_sour
       'step_source': step_source,
       'weights_sha256': weights_sha256(weights),
       'weights_sha256_rule': weights_sha256.__doc__,
-      'files_sha256': {f.rsplit('/', 1)[-1]: file_sha256(f) for f in files
-                       if not f.endswith('.meta')},
+      'files_sha256': {
+        f.rsplit('/', 1)[-1]: file_sha256(f) for f in files if not f.endswith('.meta')
+      },
       'num_variables': len(weights),
-      'skipped': {'counters': [n for n in skipped if n in COUNTERS],
-                  'optimizer_slots': sum(n not in COUNTERS for n in skipped)},
+      'skipped': {
+        'counters': [n for n in skipped if n in COUNTERS],
+        'optimizer_slots': sum(n not in COUNTERS for n in skipped),
+      },
       'config_source': config_source,
       'dataset_available': info.has_data,
-  })
+    },
+  )
   return model, step, path

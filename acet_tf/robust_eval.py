@@ -8,6 +8,7 @@ highest confidence over every (attack, start) pair. The metrics compare the clea
 confidences (positives) with these worst-case out-confidences, as GOOD's adversarial AUC does; the
 guaranteed metrics compare them with the IBP upper bounds (GOOD's guaranteed AUC).
 """
+
 import time
 
 import numpy as np
@@ -40,14 +41,21 @@ def uniform_batches(like_batches, seed):
 def name_seed(base_seed, name):
   """A seed per attacked set, from its name (stable across runs and Python versions)."""
   return tf.random.experimental.stateless_fold_in(
-      batch_random.step_seed(base_seed, -1, ATTACKED_STREAM),
-      int.from_bytes(name.encode()[:7], 'little'))
+    batch_random.step_seed(base_seed, -1, ATTACKED_STREAM),
+    int.from_bytes(name.encode()[:7], 'little'),
+  )
 
 
 def _entry(in_conf, conf, seconds=None):
   if in_conf is None:  # Data-free: no test confidences, so MMC only (nothing invented).
-    e = {'mmc': metrics.mean_max_confidence(conf), 'auroc': None, 'fpr95': None,
-         'aupr_in': None, 'aupr_out': None, 'num_examples': int(np.size(conf))}
+    e = {
+      'mmc': metrics.mean_max_confidence(conf),
+      'auroc': None,
+      'fpr95': None,
+      'aupr_in': None,
+      'aupr_out': None,
+      'num_examples': int(np.size(conf)),
+    }
   else:
     e = dict(metrics.ood_metrics(in_conf, conf), num_examples=int(np.size(conf)))
   if seconds is not None:
@@ -55,8 +63,9 @@ def _entry(in_conf, conf, seconds=None):
   return e
 
 
-def attacked_set(logits_fn, predict_fn, in_conf, starts, attack_list, *, eps, seed, extra=None,
-                 name='attacked'):
+def attacked_set(
+  logits_fn, predict_fn, in_conf, starts, attack_list, *, eps, seed, extra=None, name='attacked'
+):
   """Every attack from every start; the per-attack and the worst-case metrics.
 
   Args:
@@ -80,18 +89,29 @@ def attacked_set(logits_fn, predict_fn, in_conf, starts, attack_list, *, eps, se
     entry['attacks'][k] = _entry(in_conf, conf)
   for i, (start, batches) in enumerate(starts.items()):
     out = worst_case.attack_confidences(
-        logits_fn, predict_fn, batches, attack_list, eps=eps,
-        seed=tf.random.experimental.stateless_fold_in(seed, i), name=f'{name}@{start}')
+      logits_fn,
+      predict_fn,
+      batches,
+      attack_list,
+      eps=eps,
+      seed=tf.random.experimental.stateless_fold_in(seed, i),
+      name=f'{name}@{start}',
+    )
     for attack in attack_list:
       key = f'{attack.name}@{start}'
       confidences[key] = out[attack.name]['confidence']
       entry['attacks'][key] = dict(
-          _entry(in_conf, confidences[key], out[attack.name]['seconds']), kind=attack.kind,
-          steps=attack.steps, restarts=attack.restarts, step_fraction=attack.step_fraction)
+        _entry(in_conf, confidences[key], out[attack.name]['seconds']),
+        kind=attack.kind,
+        steps=attack.steps,
+        restarts=attack.restarts,
+        step_fraction=attack.step_fraction,
+      )
   worst, which = worst_case.worst_case(confidences)
   keys = list(confidences)
-  entry['worst_case'] = dict(_entry(in_conf, worst), found_by={
-      k: int(np.sum(which == j)) for j, k in enumerate(keys)})
+  entry['worst_case'] = dict(
+    _entry(in_conf, worst), found_by={k: int(np.sum(which == j)) for j, k in enumerate(keys)}
+  )
   return entry, worst
 
 
@@ -110,22 +130,38 @@ def guaranteed(bound_fn, in_conf, starts):
     'guaranteed_seconds'}, plus the per-point bounds float [M] as the second value.
   """
   t = time.time()
-  bounds = np.max(np.stack([
-      np.concatenate([np.asarray(bound_fn(x)) for x, _ in batches])
-      for batches in starts.values()]), axis=0)
+  bounds = np.max(
+    np.stack(
+      [np.concatenate([np.asarray(bound_fn(x)) for x, _ in batches]) for batches in starts.values()]
+    ),
+    axis=0,
+  )
   bounds = np.clip(bounds, 0.0, 1.0)
   m = _entry(in_conf, bounds)
   del m['num_examples']
   out = {f'guaranteed_{k}': v for k, v in m.items()}
-  out['guaranteed_fpr95_out_positive'] = (None if in_conf is None else
-                                          scores.fpr95_out_positive(in_conf, bounds))
+  out['guaranteed_fpr95_out_positive'] = (
+    None if in_conf is None else scores.fpr95_out_positive(in_conf, bounds)
+  )
   out['guaranteed_num_examples'] = int(bounds.size)
   out['guaranteed_seconds'] = time.time() - t
   return out, bounds
 
 
-def evaluate_attacked_sets(sets, *, logits_fn, predict_fn, in_conf, attack_list, eps_of, seed,
-                           bound_model=None, guaranteed_metrics=False, extra=None, log=None):
+def evaluate_attacked_sets(
+  sets,
+  *,
+  logits_fn,
+  predict_fn,
+  in_conf,
+  attack_list,
+  eps_of,
+  seed,
+  bound_model=None,
+  guaranteed_metrics=False,
+  extra=None,
+  log=None,
+):
   """Runs attacked_set (and guaranteed) on every attacked set.
 
   Args:
@@ -142,13 +178,23 @@ def evaluate_attacked_sets(sets, *, logits_fn, predict_fn, in_conf, attack_list,
     {set key: entry}: attacked_set's entry (if attack_list) plus the guaranteed_* keys.
   """
   from acet_tf import ibp  # Imported here: only this path needs the graph walker.
+
   results = {}
   for key, starts in sets.items():
     eps = eps_of[key]
     entry = {'eps': float(eps), 'starts': list(starts)}
     if attack_list:
-      entry, _ = attacked_set(logits_fn, predict_fn, in_conf, starts, attack_list, eps=eps,
-                              seed=name_seed(seed, key), extra=(extra or {}).get(key), name=key)
+      entry, _ = attacked_set(
+        logits_fn,
+        predict_fn,
+        in_conf,
+        starts,
+        attack_list,
+        eps=eps,
+        seed=name_seed(seed, key),
+        extra=(extra or {}).get(key),
+        name=key,
+      )
     if guaranteed_metrics and bound_model is not None:
       g, _ = guaranteed(ibp.make_bound_fn(bound_model, eps), in_conf, starts)
       entry.update(g)
@@ -156,7 +202,9 @@ def evaluate_attacked_sets(sets, *, logits_fn, predict_fn, in_conf, attack_list,
     if log:
       w = entry.get('worst_case', {})
       fmt = lambda v: '-' if v is None else f'{v:.3f}'
-      log(f"{key} (eps {eps:g}): worst-case MMC {fmt(w.get('mmc'))} AUROC {fmt(w.get('auroc'))}; "
-          f"guaranteed MMC {fmt(entry.get('guaranteed_mmc'))} AUROC "
-          f"{fmt(entry.get('guaranteed_auroc'))}")
+      log(
+        f'{key} (eps {eps:g}): worst-case MMC {fmt(w.get("mmc"))} AUROC {fmt(w.get("auroc"))}; '
+        f'guaranteed MMC {fmt(entry.get("guaranteed_mmc"))} AUROC '
+        f'{fmt(entry.get("guaranteed_auroc"))}'
+      )
   return results

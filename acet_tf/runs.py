@@ -1,11 +1,12 @@
 """The run directory: the one place that knows its layout (as serving_layout.py is for exports).
 
-  WORKDIR/config.json           the full config of the run
-  WORKDIR/checkpoints/ckpt-N    the latest few checkpoints; N is the step
-  WORKDIR/final_metrics.json    the metrics at the end of training
-  WORKDIR/source.json           where an imported run's weights came from (import_reference)
-  WORKDIR/eval/                 acet_tf.evaluate's default output
+WORKDIR/config.json           the full config of the run
+WORKDIR/checkpoints/ckpt-N    the latest few checkpoints; N is the step
+WORKDIR/final_metrics.json    the metrics at the end of training
+WORKDIR/source.json           where an imported run's weights came from (import_reference)
+WORKDIR/eval/                 acet_tf.evaluate's default output
 """
+
 import json
 import os
 import re
@@ -24,9 +25,18 @@ SOURCE = 'source.json'
 EVAL = 'eval'
 
 # Keys that may change between a run and its resumption (they do not change what is trained).
-RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'max_checkpoints', 'eval',
-                     'num_summary_images', 'steps_per_call', 'strategy', 'tpu_address',
-                     'jit_compile', 'data_dir')
+RESUMABLE_CHANGES = (
+  'log_every_steps',
+  'checkpoint_every_steps',
+  'max_checkpoints',
+  'eval',
+  'num_summary_images',
+  'steps_per_call',
+  'strategy',
+  'tpu_address',
+  'jit_compile',
+  'data_dir',
+)
 # Keys added after runs were first made; a saved config without one had this value.
 ADDED_KEYS = {'image_size': 0, 'channels': 0, 'test_fraction': 0.2}
 
@@ -48,8 +58,10 @@ def read_json(workdir, name, *, required=True):
   path = os.path.join(workdir, name)
   if not tf.io.gfile.exists(path):
     if required:
-      raise FileNotFoundError(f'No {name} in {workdir}: is it an acet_tf run directory (made by '
-                              'acet_tf.train or acet_tf.import_reference)?')
+      raise FileNotFoundError(
+        f'No {name} in {workdir}: is it an acet_tf run directory (made by '
+        'acet_tf.train or acet_tf.import_reference)?'
+      )
     return None
   with tf.io.gfile.GFile(path) as f:
     try:
@@ -74,12 +86,16 @@ def check_resumable(config, workdir):
     return
   saved = dict(ADDED_KEYS, **saved)
   current = json.loads(config.to_json())
-  changed = sorted(k for k in set(saved) | set(current)
-                   if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+  changed = sorted(
+    k
+    for k in set(saved) | set(current)
+    if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+  )
   if changed:
     raise ValueError(
-        f'{workdir} holds a run with a different config (keys {changed}); resuming it would mix '
-        f'two experiments. Use another --workdir, or delete {workdir} to start over.')
+      f'{workdir} holds a run with a different config (keys {changed}); resuming it would mix '
+      f'two experiments. Use another --workdir, or delete {workdir} to start over.'
+    )
 
 
 def checkpoint_step(path):
@@ -107,14 +123,19 @@ def restore_model(workdir, config=None):
   """
   if config is None:
     config = read_config(workdir)
-  info = known_datasets.get_info(config.dataset, config.data_dir or None,
-                                 input_pipeline.options_from_config(config))
+  info = known_datasets.get_info(
+    config.dataset, config.data_dir or None, input_pipeline.options_from_config(config)
+  )
   model = models.create_model(config.model, info.image_shape, info.num_classes)
   latest = latest_checkpoint(workdir)
   try:
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+    tf.train.Checkpoint(model=model).restore(
+      latest
+    ).expect_partial().assert_existing_objects_matched()
   except (AssertionError, ValueError) as e:
-    raise ValueError(f'Checkpoint {latest} does not fit model {config.model} for dataset '
-                     f'{config.dataset} (images {tuple(info.image_shape)}, {info.num_classes} '
-                     f'classes): {e}') from e
+    raise ValueError(
+      f'Checkpoint {latest} does not fit model {config.model} for dataset '
+      f'{config.dataset} (images {tuple(info.image_shape)}, {info.num_classes} '
+      f'classes): {e}'
+    ) from e
   return model, config, info, checkpoint_step(latest)

@@ -9,6 +9,7 @@ otherwise it is the first crossing the grid sees. Second row of the table: the s
 alpha-scaled images that, clipped back to [0, 1], get confidence > 0.95 (alpha_max for draws that
 never reached 0.999).
 """
+
 import math
 import time
 
@@ -21,8 +22,9 @@ from acet_tf import metrics
 TABLE2_STREAM = 14  # Evaluation seed stream of the uniform draws (evaluation.py uses 11-13).
 
 
-def make_alpha_search(predict_fn, *, threshold=0.999, alpha_max=1e6, grid_factor=2.0,
-                      bisection_steps=24):
+def make_alpha_search(
+  predict_fn, *, threshold=0.999, alpha_max=1e6, grid_factor=2.0, bisection_steps=24
+):
   """Builds the compiled per-image search.
 
   Args:
@@ -62,8 +64,9 @@ def make_alpha_search(predict_fn, *, threshold=0.999, alpha_max=1e6, grid_factor
     hi = ones  # First grid point at or above it (meaningful where found).
 
     def grid_step(i, found, lo, hi):
-      alpha = tf.minimum(tf.pow(tf.constant(grid_factor, tf.float32), tf.cast(i, tf.float32)),
-                         alpha_max)
+      alpha = tf.minimum(
+        tf.pow(tf.constant(grid_factor, tf.float32), tf.cast(i, tf.float32)), alpha_max
+      )
       reached = confidence(x, alpha * ones) >= threshold
       new = reached & ~found
       hi = tf.where(new, alpha, hi)
@@ -71,8 +74,10 @@ def make_alpha_search(predict_fn, *, threshold=0.999, alpha_max=1e6, grid_factor
       return i + 1, found | new, lo, hi
 
     _, found, lo, hi = tf.while_loop(
-        lambda i, found, lo, hi: (i < num_grid) & ~tf.reduce_all(found),
-        grid_step, (tf.constant(1), found, lo, hi))
+      lambda i, found, lo, hi: (i < num_grid) & ~tf.reduce_all(found),
+      grid_step,
+      (tf.constant(1), found, lo, hi),
+    )
 
     def bisect(t, lo, hi):
       # Draws without a bracket (found at alpha = 1, or never) keep lo = hi = 1: mid stays 1.
@@ -84,8 +89,10 @@ def make_alpha_search(predict_fn, *, threshold=0.999, alpha_max=1e6, grid_factor
     _, lo, hi = tf.while_loop(lambda t, lo, hi: t < bisection_steps, bisect, start)
     alphas = tf.where(found, hi, tf.constant(np.inf, tf.float32))
     clipped = tf.clip_by_value(
-        tf.reshape(tf.where(found, hi, alpha_max * ones), [-1] + [1] * (len(x.shape) - 1)) * x,
-        0.0, 1.0)
+      tf.reshape(tf.where(found, hi, alpha_max * ones), [-1] + [1] * (len(x.shape) - 1)) * x,
+      0.0,
+      1.0,
+    )
     clipped_confidence = tf.reduce_max(tf.cast(predict_fn(clipped), tf.float32), axis=1)
     return alphas, clipped_confidence
 
@@ -97,11 +104,23 @@ def uniform_noise_batches(seed, image_shape, num_examples, batch_size):
   for i, start in enumerate(range(0, num_examples, batch_size)):
     b = min(batch_size, num_examples - start)
     yield tf.random.stateless_uniform(
-        [b, *image_shape], seed=tf.random.experimental.stateless_fold_in(seed, i))
+      [b, *image_shape], seed=tf.random.experimental.stateless_fold_in(seed, i)
+    )
 
 
-def table2(predict_fn, image_shape, *, seed, num_examples=10_000, batch_size=500, threshold=0.999,
-           alpha_max=1e6, clipped_threshold=0.95, grid_factor=2.0, bisection_steps=24):
+def table2(
+  predict_fn,
+  image_shape,
+  *,
+  seed,
+  num_examples=10_000,
+  batch_size=500,
+  threshold=0.999,
+  alpha_max=1e6,
+  clipped_threshold=0.95,
+  grid_factor=2.0,
+  bisection_steps=24,
+):
   """The two rows of Table 2 for one model.
 
   Args:
@@ -122,21 +141,30 @@ def table2(predict_fn, image_shape, *, seed, num_examples=10_000, batch_size=500
   if num_examples < 1:
     raise ValueError(f'num_examples must be >= 1, got {num_examples}.')
   search = make_alpha_search(
-      predict_fn, threshold=threshold, alpha_max=alpha_max, grid_factor=grid_factor,
-      bisection_steps=bisection_steps)
+    predict_fn,
+    threshold=threshold,
+    alpha_max=alpha_max,
+    grid_factor=grid_factor,
+    bisection_steps=bisection_steps,
+  )
   alphas, clipped = [], []
   start = time.time()
   for x in uniform_noise_batches(seed, image_shape, num_examples, batch_size):
     a, c = search(x)
     alphas.append(a.numpy())
     clipped.append(c.numpy())
-    logging.info('table2: %d/%d draws, %.1f s', sum(len(v) for v in alphas), num_examples,
-                 time.time() - start)
+    logging.info(
+      'table2: %d/%d draws, %.1f s', sum(len(v) for v in alphas), num_examples, time.time() - start
+    )
   alphas, clipped = np.concatenate(alphas), np.concatenate(clipped)
   summary = metrics.alpha_summary(alphas, alpha_max)
   summary.update(
-      share_overconfident_clipped=float(np.mean(clipped > clipped_threshold)),
-      num_examples=int(num_examples), threshold=threshold, alpha_max=alpha_max,
-      clipped_threshold=clipped_threshold, grid_factor=grid_factor,
-      bisection_steps=bisection_steps)
+    share_overconfident_clipped=float(np.mean(clipped > clipped_threshold)),
+    num_examples=int(num_examples),
+    threshold=threshold,
+    alpha_max=alpha_max,
+    clipped_threshold=clipped_threshold,
+    grid_factor=grid_factor,
+    bisection_steps=bisection_steps,
+  )
   return summary, alphas, clipped

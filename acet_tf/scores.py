@@ -11,6 +11,7 @@ FPR@95 conventions:
                       threshold detects 95% of the out-points; FPR = share of in-distribution
                       points flagged as out (at or below it).
 """
+
 import numpy as np
 import tensorflow as tf
 
@@ -22,10 +23,11 @@ SCORES = ('max_softmax', 'max_logit', 'energy')
 def scores_from_logits(logits):
   """{score name: float32 [B]} and the argmax int32 [B] from logits [B, K]."""
   logits = tf.cast(logits, tf.float32)
-  return {'max_softmax': tf.reduce_max(tf.nn.softmax(logits), axis=1),
-          'max_logit': tf.reduce_max(logits, axis=1),
-          'energy': tf.reduce_logsumexp(logits, axis=1)}, tf.argmax(logits, axis=1,
-                                                                     output_type=tf.int32)
+  return {
+    'max_softmax': tf.reduce_max(tf.nn.softmax(logits), axis=1),
+    'max_logit': tf.reduce_max(logits, axis=1),
+    'energy': tf.reduce_logsumexp(logits, axis=1),
+  }, tf.argmax(logits, axis=1, output_type=tf.int32)
 
 
 def make_scores_fn(logits_fn):
@@ -44,8 +46,11 @@ def score_batches(scores_fn, batches):
     labels.append(np.asarray(y, np.int32))
   if not pred:
     raise ValueError('score_batches got no batches: the dataset is empty.')
-  return ({k: np.concatenate(v) for k, v in out.items()}, np.concatenate(pred),
-          np.concatenate(labels))
+  return (
+    {k: np.concatenate(v) for k, v in out.items()},
+    np.concatenate(pred),
+    np.concatenate(labels),
+  )
 
 
 def fpr95_out_positive(in_scores, out_scores):
@@ -56,6 +61,8 @@ def fpr95_out_positive(in_scores, out_scores):
 
 def detection_metrics(in_scores, out_scores):
   """{'auroc', 'fpr95_in_positive', 'fpr95_out_positive'} of one score on one out-set."""
-  return {'auroc': metrics.auroc(in_scores, out_scores),
-          'fpr95_in_positive': metrics.fpr_at_tpr(in_scores, out_scores, tpr=0.95),
-          'fpr95_out_positive': fpr95_out_positive(in_scores, out_scores)}
+  return {
+    'auroc': metrics.auroc(in_scores, out_scores),
+    'fpr95_in_positive': metrics.fpr_at_tpr(in_scores, out_scores, tpr=0.95),
+    'fpr95_out_positive': fpr95_out_positive(in_scores, out_scores),
+  }

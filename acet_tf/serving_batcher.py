@@ -7,6 +7,7 @@ passed since that first request arrived; meanwhile the other batch threads run c
 queue holds at most max_enqueued_batches * max_batch_size examples; a request that does not fit is
 refused at once with QueueFullError (HTTP 503), never left waiting without bound.
 """
+
 import collections
 import threading
 import time
@@ -31,13 +32,23 @@ class _Task:
 class Batcher:
   """Merges concurrent `run` calls with the same key into one call of their `fn`."""
 
-  def __init__(self, *, max_batch_size, batch_timeout_micros, num_batch_threads,
-               max_enqueued_batches, on_batch=None, on_queue=None):
+  def __init__(
+    self,
+    *,
+    max_batch_size,
+    batch_timeout_micros,
+    num_batch_threads,
+    max_enqueued_batches,
+    on_batch=None,
+    on_queue=None,
+  ):
     """on_batch(key, num_examples) is called before each model call; on_queue(examples queued)
     whenever the queue changes (metrics)."""
-    for name, value in [('max_batch_size', max_batch_size),
-                        ('num_batch_threads', num_batch_threads),
-                        ('max_enqueued_batches', max_enqueued_batches)]:
+    for name, value in [
+      ('max_batch_size', max_batch_size),
+      ('num_batch_threads', num_batch_threads),
+      ('max_enqueued_batches', max_enqueued_batches),
+    ]:
       if not isinstance(value, int) or value < 1:
         raise ValueError(f'{name} must be an integer >= 1, got {value!r}.')
     if batch_timeout_micros < 0:
@@ -52,8 +63,10 @@ class Batcher:
     self._queued = 0  # Examples in the queue.
     self._collecting = False  # One thread fills the open batch at a time.
     self._closed = False
-    self._threads = [threading.Thread(target=self._loop, name=f'batch-{i}', daemon=True)
-                     for i in range(num_batch_threads)]
+    self._threads = [
+      threading.Thread(target=self._loop, name=f'batch-{i}', daemon=True)
+      for i in range(num_batch_threads)
+    ]
     for t in self._threads:
       t.start()
 
@@ -72,8 +85,9 @@ class Batcher:
         raise QueueFullError('The server is shutting down; retry on another replica.')
       if self._queued + size > self.capacity:
         raise QueueFullError(
-            f'The batch queue is full ({self._queued} examples queued, room for {self.capacity}); '
-            'retry later.')
+          f'The batch queue is full ({self._queued} examples queued, room for {self.capacity}); '
+          'retry later.'
+        )
       self._queue.append(task)
       self._queued += size
       self._on_queue(self._queued)
@@ -144,7 +158,7 @@ class Batcher:
       return
     start = 0
     for task in batch:
-      task.outputs = {k: v[start:start + task.size] for k, v in outputs.items()}
+      task.outputs = {k: v[start : start + task.size] for k, v in outputs.items()}
       start += task.size
       task.done.set()
 

@@ -1,5 +1,6 @@
 """TensorFlow Serving's directory layout: EXPORT/<integer version>/saved_model.pb, and when a
 version is complete (MANIFEST)."""
+
 import json
 import os
 import re
@@ -18,8 +19,9 @@ def list_versions(export_dir, *, complete_only=True):
   versions = []
   for name in tf.io.gfile.listdir(export_dir):
     name = name.rstrip('/')
-    if re.fullmatch(r'\d+', name) and (not complete_only or tf.io.gfile.exists(
-        os.path.join(export_dir, name, 'saved_model.pb'))):
+    if re.fullmatch(r'\d+', name) and (
+      not complete_only or tf.io.gfile.exists(os.path.join(export_dir, name, 'saved_model.pb'))
+    ):
       versions.append(int(name))
   return sorted(versions)
 
@@ -41,8 +43,11 @@ def write_manifest(version_dir):
         files[rel] = tf.io.gfile.stat(path).length
   with tf.io.gfile.GFile(os.path.join(version_dir, MANIFEST + '.tmp'), 'w') as f:
     json.dump({'files': files}, f, indent=1, sort_keys=True)
-  tf.io.gfile.rename(os.path.join(version_dir, MANIFEST + '.tmp'),
-                     os.path.join(version_dir, MANIFEST), overwrite=True)
+  tf.io.gfile.rename(
+    os.path.join(version_dir, MANIFEST + '.tmp'),
+    os.path.join(version_dir, MANIFEST),
+    overwrite=True,
+  )
 
 
 def incomplete_reason(version_dir):
@@ -69,5 +74,8 @@ def incomplete_reason(version_dir):
 
 def complete_versions(export_dir):
   """The integer versions below `export_dir` that are complete (incomplete_reason is None)."""
-  return [v for v in list_versions(export_dir)
-          if incomplete_reason(os.path.join(export_dir, str(v))) is None]
+  return [
+    v
+    for v in list_versions(export_dir)
+    if incomplete_reason(os.path.join(export_dir, str(v))) is None
+  ]

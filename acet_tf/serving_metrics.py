@@ -12,10 +12,11 @@
 A rising abstained / (accepted + abstained) is the first sign that inputs drift away from the
 training data: the model is less confident on them (the paper's point is that it should be).
 """
+
 import prometheus_client
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -26,25 +27,46 @@ class ServingMetrics:
     self.registry = prometheus_client.CollectorRegistry()
     r = self.registry
     self.requests = prometheus_client.Counter(
-        'acet_serving_requests', 'HTTP requests by endpoint and status code.',
-        ['endpoint', 'status'], registry=r)
+      'acet_serving_requests',
+      'HTTP requests by endpoint and status code.',
+      ['endpoint', 'status'],
+      registry=r,
+    )
     self.latency = prometheus_client.Histogram(
-        'acet_serving_request_latency_seconds', 'Request latency in seconds by endpoint.',
-        ['endpoint'], buckets=_LATENCY_BUCKETS, registry=r)
+      'acet_serving_request_latency_seconds',
+      'Request latency in seconds by endpoint.',
+      ['endpoint'],
+      buckets=_LATENCY_BUCKETS,
+      registry=r,
+    )
     self.batch_size = prometheus_client.Histogram(
-        'acet_serving_model_batch_size', 'Examples per model call (after dynamic batching).',
-        ['signature'], buckets=_BATCH_BUCKETS, registry=r)
+      'acet_serving_model_batch_size',
+      'Examples per model call (after dynamic batching).',
+      ['signature'],
+      buckets=_BATCH_BUCKETS,
+      registry=r,
+    )
     self.accepted = prometheus_client.Counter(
-        'acet_serving_accepted_examples', 'Examples answered with confidence >= threshold.',
-        ['model_version', 'signature'], registry=r)
+      'acet_serving_accepted_examples',
+      'Examples answered with confidence >= threshold.',
+      ['model_version', 'signature'],
+      registry=r,
+    )
     self.abstained = prometheus_client.Counter(
-        'acet_serving_abstained_examples', 'Examples abstained on (confidence < threshold).',
-        ['model_version', 'signature'], registry=r)
+      'acet_serving_abstained_examples',
+      'Examples abstained on (confidence < threshold).',
+      ['model_version', 'signature'],
+      registry=r,
+    )
     self.queue = prometheus_client.Gauge(
-        'acet_serving_batch_queue_examples', 'Examples waiting in the batch queue.', registry=r)
+      'acet_serving_batch_queue_examples', 'Examples waiting in the batch queue.', registry=r
+    )
     self.available = prometheus_client.Gauge(
-        'acet_serving_model_version_available', '1 while the model version is served.',
-        ['model_version'], registry=r)
+      'acet_serving_model_version_available',
+      '1 while the model version is served.',
+      ['model_version'],
+      registry=r,
+    )
 
   def observe_request(self, endpoint, status, seconds):
     self.requests.labels(endpoint, str(status)).inc()

@@ -10,6 +10,7 @@ and not retried.
 
 States as TF Serving's ModelVersionStatus: LOADING, AVAILABLE, UNLOADING, END.
 """
+
 import os
 import threading
 
@@ -47,12 +48,15 @@ class ModelVersions:
     self._stop = threading.Event()
     self.poll()
     if not self._models:
-      reasons = {v: serving_layout.incomplete_reason(os.path.join(export_dir, str(v)))
-                 for v in serving_layout.list_versions(export_dir)}
+      reasons = {
+        v: serving_layout.incomplete_reason(os.path.join(export_dir, str(v)))
+        for v in serving_layout.list_versions(export_dir)
+      }
       errors = {v: msg for v, (_, msg) in self._states.items() if msg}
       raise FileNotFoundError(
-          f'No complete version could be loaded from {export_dir}: incomplete {reasons}, '
-          f'failed {errors}. acet_tf.export writes complete versions.')
+        f'No complete version could be loaded from {export_dir}: incomplete {reasons}, '
+        f'failed {errors}. acet_tf.export writes complete versions.'
+      )
     self._thread = None
     if poll_interval_s > 0:
       self._thread = threading.Thread(target=self._poll_loop, name='version-poll', daemon=True)
@@ -62,7 +66,7 @@ class ModelVersions:
     """One look at the export directory: load new versions, swap, unload old ones."""
     with self._lock:
       complete = serving_layout.complete_versions(self.export_dir)
-      wanted = [v for v in complete[::-1] if v not in self._failed][:self.keep]
+      wanted = [v for v in complete[::-1] if v not in self._failed][: self.keep]
       changed = False
       loaded = dict(self._models)
       for version in sorted(wanted):
@@ -79,7 +83,7 @@ class ModelVersions:
           logging.exception('Version %d of %s failed to load.', version, self.export_dir)
         changed = True
       # Keep the newest `keep` that loaded; a version gone from disk is unloaded.
-      served = sorted((v for v in loaded if v in complete), reverse=True)[:self.keep]
+      served = sorted((v for v in loaded if v in complete), reverse=True)[: self.keep]
       new = {v: loaded[v] for v in served}
       if set(new) != set(self._models):
         changed = True
@@ -97,8 +101,9 @@ class ModelVersions:
       try:
         self.poll()
       except Exception:  # pylint: disable=broad-except
-        logging.exception('Polling %s failed; trying again in %gs.', self.export_dir,
-                          self.poll_interval_s)
+        logging.exception(
+          'Polling %s failed; trying again in %gs.', self.export_dir, self.poll_interval_s
+        )
 
   def close(self):
     self._stop.set()
@@ -115,14 +120,16 @@ class ModelVersions:
     models = self._models
     if version is None:
       if not models:
-        raise VersionNotFoundError(f'No version is served: {self.export_dir} has no complete '
-                                   'version any more.')
+        raise VersionNotFoundError(
+          f'No version is served: {self.export_dir} has no complete version any more.'
+        )
       return models[max(models)]
     if version not in models:
       state = self._states.get(version, ('',))[0]
       why = f' (state {state})' if state else ''
-      raise VersionNotFoundError(f'Version {version} is not served{why}; the server serves '
-                                 f'version(s) {sorted(models)}.')
+      raise VersionNotFoundError(
+        f'Version {version} is not served{why}; the server serves version(s) {sorted(models)}.'
+      )
     return models[version]
 
   def status(self, version=None):
@@ -130,9 +137,15 @@ class ModelVersions:
     states = dict(self._states)
     if version is not None:
       if version not in states:
-        raise VersionNotFoundError(f'Version {version} is unknown; known versions: '
-                                   f'{sorted(states)}.')
+        raise VersionNotFoundError(
+          f'Version {version} is unknown; known versions: {sorted(states)}.'
+        )
       states = {version: states[version]}
-    return [{'version': str(v), 'state': state,
-             'status': {'error_code': 'UNKNOWN' if msg else 'OK', 'error_message': msg}}
-            for v, (state, msg) in sorted(states.items(), reverse=True)]
+    return [
+      {
+        'version': str(v),
+        'state': state,
+        'status': {'error_code': 'UNKNOWN' if msg else 'OK', 'error_message': msg},
+      }
+      for v, (state, msg) in sorted(states.items(), reverse=True)
+    ]

@@ -4,14 +4,16 @@
 
 A thin binary: it parses flags and calls trainer.train_and_evaluate(config, workdir).
 """
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from acet_tf import trainer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file and argument.',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'Experiment config file and argument.', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, summaries, metrics.')
 
 

@@ -5,6 +5,7 @@ images (lambda = noise.ratio). ACET: the noise images are first moved by PGD to 
 confident point of their eps-ball. The data loss is the sum over clean and noise examples divided
 by their global count (the reference), plus weight decay.
 """
+
 import math
 
 import keras
@@ -24,8 +25,17 @@ NOISE_STREAM, PGD_STREAM = 1, 2
 
 # Per-replica sums returned by a step; the trainer divides by the counts.
 # skipped: steps whose loss-scaled gradients overflowed (mixed_float16), left to the optimizer.
-METRIC_SUMS = ('loss', 'loss_in', 'loss_out', 'errors', 'conf_in', 'conf_out', 'count_in',
-               'count_out', 'skipped')
+METRIC_SUMS = (
+  'loss',
+  'loss_in',
+  'loss_out',
+  'errors',
+  'conf_in',
+  'conf_out',
+  'count_in',
+  'count_out',
+  'skipped',
+)
 
 
 def learning_rate_schedule(config, total_steps):
@@ -34,8 +44,10 @@ def learning_rate_schedule(config, total_steps):
   Keras uses values[i] while step <= boundaries[i], hence the - 1.
   """
   boundaries = [int(f * total_steps) - 1 for f in config.optimizer.decay_at]
-  values = [config.optimizer.learning_rate * config.optimizer.decay_factor ** i
-            for i in range(len(boundaries) + 1)]
+  values = [
+    config.optimizer.learning_rate * config.optimizer.decay_factor**i
+    for i in range(len(boundaries) + 1)
+  ]
   return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
 
 
@@ -71,11 +83,15 @@ def out_batch(model, config, images, step, noise_fn):
   if config.pgd.steps == 0:
     return noise
   return attacks.pgd(
-      logits_fn=models.inference_logits_fn(model), x0=noise,
-      objective=attacks.max_log_confidence_objective,
-      eps=config.pgd.eps, step_size=config.pgd.step_size, steps=config.pgd.steps,
-      seed=batch_random.step_seed(config.seed, step, PGD_STREAM),
-      random_start=config.pgd.random_start)[0]
+    logits_fn=models.inference_logits_fn(model),
+    x0=noise,
+    objective=attacks.max_log_confidence_objective,
+    eps=config.pgd.eps,
+    step_size=config.pgd.step_size,
+    steps=config.pgd.steps,
+    seed=batch_random.step_seed(config.seed, step, PGD_STREAM),
+    random_start=config.pgd.random_start,
+  )[0]
 
 
 def make_replica_step(model, optimizer, config, noise_fn=None):
@@ -100,11 +116,14 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
       loss_in = losses.cross_entropy(logits[:n_in], labels)
       loss_out = losses.max_log_confidence(logits[n_in:])
       data_loss = tf.nn.compute_average_loss(
-          tf.concat([loss_in, loss_out], axis=0), global_batch_size=global_count)
+        tf.concat([loss_in, loss_out], axis=0), global_batch_size=global_count
+      )
       # Keras 3 sums gradients over replicas: scale the per-replica regulariser by 1/replicas.
       decay = tf.nn.scale_regularization_loss(
-          losses.weight_decay(losses.decayed_variables(model, config.weight_decay_variables),
-                              config.weight_decay))
+        losses.weight_decay(
+          losses.decayed_variables(model, config.weight_decay_variables), config.weight_decay
+        )
+      )
       loss = data_loss + decay
       # Every Keras 3 optimizer has scale_loss (a no-op without loss_scale_factor); only the
       # LossScaleOptimizer's gradients come back multiplied by its dynamic scale.
@@ -112,8 +131,9 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
     grads = tape.gradient(scaled, model.trainable_variables)
     # A NaN can hide from the loss (max-pool turns NaN into -FLT_MAX) yet poison the gradients:
     # check both, so the step that breaks the weights is the one reported.
-    grads_finite = tf.reduce_all([
-        tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None])
+    grads_finite = tf.reduce_all(
+      [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+    )
     finite = tf.math.is_finite(loss) & grads_finite
     overflow = tf.constant(False)
     if loss_scaling:
@@ -130,15 +150,21 @@ def make_replica_step(model, optimizer, config, noise_fn=None):
       optimizer.iterations.assign_add(tf.cast(overflow, optimizer.iterations.dtype))
     probs = tf.nn.softmax(logits)
     conf = tf.reduce_max(probs, axis=-1)
-    wrong = tf.not_equal(tf.argmax(logits[:n_in], axis=-1, output_type=tf.int32),
-                         tf.cast(labels, tf.int32))
+    wrong = tf.not_equal(
+      tf.argmax(logits[:n_in], axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32)
+    )
     return dict(
-        loss=loss, loss_in=tf.reduce_sum(loss_in), loss_out=tf.reduce_sum(loss_out),
-        errors=tf.reduce_sum(tf.cast(wrong, tf.float32)),
-        conf_in=tf.reduce_sum(conf[:n_in]), conf_out=tf.reduce_sum(conf[n_in:]),
-        count_in=tf.constant(float(n_in)), count_out=tf.constant(float(n_out)),
-        skipped=tf.cast(overflow, tf.float32) / ctx.num_replicas_in_sync,
-        nonfinite=1.0 - tf.cast(finite, tf.float32))
+      loss=loss,
+      loss_in=tf.reduce_sum(loss_in),
+      loss_out=tf.reduce_sum(loss_out),
+      errors=tf.reduce_sum(tf.cast(wrong, tf.float32)),
+      conf_in=tf.reduce_sum(conf[:n_in]),
+      conf_out=tf.reduce_sum(conf[n_in:]),
+      count_in=tf.constant(float(n_in)),
+      count_out=tf.constant(float(n_out)),
+      skipped=tf.cast(overflow, tf.float32) / ctx.num_replicas_in_sync,
+      nonfinite=1.0 - tf.cast(finite, tf.float32),
+    )
 
   if config.jit_compile:
     replica_step = tf.function(replica_step, jit_compile=True)
@@ -164,8 +190,9 @@ def make_train_function(model, optimizer, config, strategy, noise_fn=None):
     for _ in tf.range(num_steps):
       step = tf.identity(optimizer.iterations)
       per_replica = strategy.run(replica_step, args=next(iterator))
-      reduced = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
-                 for k, v in per_replica.items()}
+      reduced = {
+        k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()
+      }
       if reduced['nonfinite'] > 0:
         bad_step = step
         break
@@ -173,4 +200,3 @@ def make_train_function(model, optimizer, config, strategy, noise_fn=None):
     return sums, bad_step
 
   return train_steps
-

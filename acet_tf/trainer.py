@@ -1,6 +1,8 @@
-"""The training loop: `train_and_evaluate(config, workdir)` trains plain, CEDA or ACET per the config
-and resumes by itself from the workdir. The binary is acet_tf/train.py; this module reads no flags.
+"""The training loop: `train_and_evaluate(config, workdir)` trains plain, CEDA or ACET per the
+config and resumes by itself from the workdir. The binary is acet_tf/train.py; this module reads
+no flags.
 """
+
 import dataclasses
 import json
 import os
@@ -17,7 +19,6 @@ from acet_tf import models
 from acet_tf import runs
 from acet_tf import train_step
 
-
 # ----------------------------------------------------------------------------------------------
 # Config checks.
 # ----------------------------------------------------------------------------------------------
@@ -25,12 +26,15 @@ from acet_tf import train_step
 
 def validate_config(config):
   """Raises ValueError naming the key for any inconsistent or out-of-range setting."""
+
   def check(ok, message):
     if not ok:
       raise ValueError(f'Bad config: {message}')
 
-  check(config.method in train_step.METHODS, f'method must be one of {train_step.METHODS}, '
-        f'got {config.method!r}')
+  check(
+    config.method in train_step.METHODS,
+    f'method must be one of {train_step.METHODS}, got {config.method!r}',
+  )
   check(bool(config.dataset), 'dataset is empty')
   try:
     input_pipeline.options_from_config(config)
@@ -41,12 +45,15 @@ def validate_config(config):
   except ValueError as e:
     check(False, f'model: {e}')
   check(config.batch_size > 0, f'batch_size must be > 0, got {config.batch_size}')
-  check(config.num_epochs > 0 or config.num_train_steps > 0,
-        'set num_epochs > 0 or num_train_steps > 0')
+  check(
+    config.num_epochs > 0 or config.num_train_steps > 0, 'set num_epochs > 0 or num_train_steps > 0'
+  )
   ratio, pgd_steps = config.noise.ratio, config.pgd.steps
   if config.method == 'plain':
-    check(ratio == 0 and pgd_steps == 0,
-          f'method plain uses no noise and no PGD: noise.ratio={ratio}, pgd.steps={pgd_steps}')
+    check(
+      ratio == 0 and pgd_steps == 0,
+      f'method plain uses no noise and no PGD: noise.ratio={ratio}, pgd.steps={pgd_steps}',
+    )
   else:
     check(0 < ratio <= 1, f'noise.ratio must be in (0, 1] for {config.method}, got {ratio}')
     if config.method == 'ceda':
@@ -54,20 +61,25 @@ def validate_config(config):
     else:
       check(pgd_steps > 0, f'method acet needs pgd.steps > 0, got {pgd_steps}')
   n = config.noise
-  check(0 <= n.permuted_fraction <= 1, f'noise.permuted_fraction must be in [0, 1], got '
-        f'{n.permuted_fraction}')
-  check(0 < n.sigma_min <= n.sigma_max, f'need 0 < noise.sigma_min <= noise.sigma_max, got '
-        f'{n.sigma_min}, {n.sigma_max}')
+  check(
+    0 <= n.permuted_fraction <= 1,
+    f'noise.permuted_fraction must be in [0, 1], got {n.permuted_fraction}',
+  )
+  check(
+    0 < n.sigma_min <= n.sigma_max,
+    f'need 0 < noise.sigma_min <= noise.sigma_max, got {n.sigma_min}, {n.sigma_max}',
+  )
   check(n.kernel_size % 2 == 1, f'noise.kernel_size must be odd, got {n.kernel_size}')
   for key in ('eps', 'step_size'):
     check(config.pgd[key] > 0, f'pgd.{key} must be > 0, got {config.pgd[key]}')
-  check(config.mixed_precision in ('', 'mixed_float16', 'mixed_bfloat16'),
-        f'mixed_precision must be "", "mixed_float16" or "mixed_bfloat16", got '
-        f'{config.mixed_precision!r}')
+  check(
+    config.mixed_precision in ('', 'mixed_float16', 'mixed_bfloat16'),
+    f'mixed_precision must be "", "mixed_float16" or "mixed_bfloat16", got '
+    f'{config.mixed_precision!r}',
+  )
   for key in ('log_every_steps', 'checkpoint_every_steps', 'steps_per_call', 'max_checkpoints'):
     check(config[key] > 0, f'{key} must be > 0, got {config[key]}')
-  check(config.eval.every_steps > 0, f'eval.every_steps must be > 0, got '
-        f'{config.eval.every_steps}')
+  check(config.eval.every_steps > 0, f'eval.every_steps must be > 0, got {config.eval.every_steps}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,11 +91,11 @@ def window_metrics(sums, learning_rate):
   """Turns summed METRIC_SUMS over a window of steps into the train/ scalars."""
   steps = max(sums['steps'], 1)
   metrics = {
-      'train/loss': sums['loss'] / steps,
-      'train/loss_in': sums['loss_in'] / max(sums['count_in'], 1),
-      'train/error': sums['errors'] / max(sums['count_in'], 1),
-      'train/mmc_in': sums['conf_in'] / max(sums['count_in'], 1),
-      'train/learning_rate': learning_rate,
+    'train/loss': sums['loss'] / steps,
+    'train/loss_in': sums['loss_in'] / max(sums['count_in'], 1),
+    'train/error': sums['errors'] / max(sums['count_in'], 1),
+    'train/mmc_in': sums['conf_in'] / max(sums['count_in'], 1),
+    'train/learning_rate': learning_rate,
   }
   if sums['count_out'] > 0:
     metrics['train/loss_out'] = sums['loss_out'] / sums['count_out']
@@ -111,8 +123,10 @@ def format_duration(seconds):
 def total_train_steps(config, info):
   steps_per_epoch = info.num_train_examples // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f'Too few examples for a batch: batch_size {config.batch_size} exceeds the '
-                     f'{info.num_train_examples} training examples of {config.dataset}.')
+    raise ValueError(
+      f'Too few examples for a batch: batch_size {config.batch_size} exceeds the '
+      f'{info.num_train_examples} training examples of {config.dataset}.'
+    )
   if config.num_train_steps > 0:
     return config.num_train_steps, steps_per_epoch
   return config.num_epochs * steps_per_epoch, steps_per_epoch
@@ -134,8 +148,10 @@ def build_model_and_optimizer(config, info, total_steps, strategy):
 def check_model_fits_data(config, info, model):
   """Raises ValueError naming the dataset and both shapes if `model` cannot take its images."""
   if tuple(model.input_shape[1:]) != tuple(info.image_shape):
-    raise ValueError(f'Dataset {config.dataset} has images of shape {tuple(info.image_shape)} '
-                     f'but model {config.model} takes {tuple(model.input_shape[1:])}.')
+    raise ValueError(
+      f'Dataset {config.dataset} has images of shape {tuple(info.image_shape)} '
+      f'but model {config.model} takes {tuple(model.input_shape[1:])}.'
+    )
 
 
 def restore_checkpoint(checkpoint, path, config, info):
@@ -144,8 +160,9 @@ def restore_checkpoint(checkpoint, path, config, info):
     checkpoint.restore(path).assert_existing_objects_matched()
   except (AssertionError, ValueError) as e:
     raise ValueError(
-        f'Checkpoint {path} does not fit model {config.model} for dataset {config.dataset} '
-        f'(images {tuple(info.image_shape)}, {info.num_classes} classes): {e}') from e
+      f'Checkpoint {path} does not fit model {config.model} for dataset {config.dataset} '
+      f'(images {tuple(info.image_shape)}, {info.num_classes} classes): {e}'
+    ) from e
 
 
 def train_iterator(config, info, strategy, start_step):
@@ -157,8 +174,8 @@ def train_iterator(config, info, strategy, start_step):
   Reads the whole train split into memory first: an unreadable split fails here, before step one.
   """
   dataset = strategy.distribute_datasets_from_function(
-      lambda ctx: input_pipeline.train_dataset(config, info, start_step=start_step,
-                                               input_context=ctx))
+    lambda ctx: input_pipeline.train_dataset(config, info, start_step=start_step, input_context=ctx)
+  )
   return iter(dataset)
 
 
@@ -166,6 +183,7 @@ def train_iterator(config, info, strategy, start_step):
 class HookContext:
   """What a hook sees after a train call: the live model and optimizer, the run's workdir and
   total steps, and the train/ metrics of the last logged window ({} before the first log)."""
+
   model: keras.Model
   optimizer: keras.optimizers.Optimizer
   workdir: str
@@ -173,8 +191,17 @@ class HookContext:
   train_metrics: dict
 
 
-def log_train_window(writer, window, step, start_step, total_steps, steps_per_epoch, optimizer,
-                     elapsed_window, elapsed_total):
+def log_train_window(
+  writer,
+  window,
+  step,
+  start_step,
+  total_steps,
+  steps_per_epoch,
+  optimizer,
+  elapsed_window,
+  elapsed_total,
+):
   """Writes the train/ scalars of a window of steps and logs one progress line; returns them."""
   lr = optimizer.learning_rate
   lr = float(lr.numpy()) if hasattr(lr, 'numpy') else float(lr)
@@ -183,12 +210,17 @@ def log_train_window(writer, window, step, start_step, total_steps, steps_per_ep
   write_scalars(writer, step, metrics)
   rate = (step - start_step) / max(elapsed_total, 1e-9)
   logging.info(
-      'step %d/%d epoch %.2f | loss %.4f err %.2f%% mmc_in %.3f%s | %.0f img/s | ETA %s',
-      step, total_steps, step / steps_per_epoch, metrics['train/loss'],
-      100 * metrics['train/error'], metrics['train/mmc_in'],
-      f" mmc_out {metrics['train/mmc_out']:.3f}" if 'train/mmc_out' in metrics else '',
-      metrics['train/images_per_second'],
-      format_duration((total_steps - step) / max(rate, 1e-9)))
+    'step %d/%d epoch %.2f | loss %.4f err %.2f%% mmc_in %.3f%s | %.0f img/s | ETA %s',
+    step,
+    total_steps,
+    step / steps_per_epoch,
+    metrics['train/loss'],
+    100 * metrics['train/error'],
+    metrics['train/mmc_in'],
+    f' mmc_out {metrics["train/mmc_out"]:.3f}' if 'train/mmc_out' in metrics else '',
+    metrics['train/images_per_second'],
+    format_duration((total_steps - step) / max(rate, 1e-9)),
+  )
   return metrics
 
 
@@ -218,8 +250,10 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   # Before anything else runs TF: multi_worker configures collective ops at startup.
   strategy = distribution.create_strategy(config.strategy, config.tpu_address)
   if config.batch_size % strategy.num_replicas_in_sync:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by the '
-                     f'{strategy.num_replicas_in_sync} replicas.')
+    raise ValueError(
+      f'batch_size {config.batch_size} is not divisible by the '
+      f'{strategy.num_replicas_in_sync} replicas.'
+    )
   chief = distribution.is_chief(strategy)
   data_dir = config.data_dir or None
   options = input_pipeline.options_from_config(config)  # How folder:/npz: images are converted.
@@ -230,13 +264,20 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   model, optimizer, checkpoint = build_model_and_optimizer(config, info, total_steps, strategy)
   check_model_fits_data(config, info, model)
   if chief:  # Only the chief evaluates; a bad test split would fail the first evaluation.
-    input_pipeline.check_readable(config.dataset, 'test', info.image_shape, data_dir=data_dir,
-                                  max_examples=config.eval.max_examples, options=options)
+    input_pipeline.check_readable(
+      config.dataset,
+      'test',
+      info.image_shape,
+      data_dir=data_dir,
+      max_examples=config.eval.max_examples,
+      options=options,
+    )
 
   tf.io.gfile.makedirs(workdir)
   runs.check_resumable(config, workdir)
   checkpoints = distribution.WorkerCheckpoints(
-      strategy, checkpoint, runs.checkpoint_dir(workdir), config.max_checkpoints)
+    strategy, checkpoint, runs.checkpoint_dir(workdir), config.max_checkpoints
+  )
   latest = checkpoints.latest
   if latest:
     restore_checkpoint(checkpoint, latest, config, info)
@@ -245,14 +286,18 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   distribution.check_same_on_all_workers(strategy, start_step, 'the step to resume from')
   if chief:
     runs.write_config(workdir, config)
-  writer = (tf.summary.create_file_writer(workdir) if chief
-            else tf.summary.create_noop_writer())
+  writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
 
   iterator = train_iterator(config, info, strategy, start_step)
   train_steps = train_step.make_train_function(model, optimizer, config, strategy)
   test_dataset = input_pipeline.eval_dataset(
-      config.dataset, 'test', config.eval.batch_size, data_dir=data_dir,
-      max_examples=config.eval.max_examples, options=options)
+    config.dataset,
+    'test',
+    config.eval.batch_size,
+    data_dir=data_dir,
+    max_examples=config.eval.max_examples,
+    options=options,
+  )
 
   def run_eval(step):
     scalars, images = evaluation.evaluate_during_training(model, config, test_dataset)
@@ -261,12 +306,18 @@ def train_and_evaluate(config, workdir, *, hooks=()):
     with writer.as_default(step=step):
       for name, batch in images.items():
         tf.summary.image(f'{name}/images', batch, max_outputs=config.num_summary_images)
-    logging.info('Eval at step %d: %s', step,
-                 ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
+    logging.info('Eval at step %d: %s', step, ', '.join(f'{k} {v:.4f}' for k, v in scalars.items()))
     return scalars
 
-  logging.info('Training %s %s on %s: steps %d -> %d (%d per epoch).', config.method,
-               config.model, config.dataset, start_step, total_steps, steps_per_epoch)
+  logging.info(
+    'Training %s %s on %s: steps %d -> %d (%d per epoch).',
+    config.method,
+    config.model,
+    config.dataset,
+    start_step,
+    total_steps,
+    steps_per_epoch,
+  )
   step, train_metrics = start_step, {}
   window = dict.fromkeys(train_step.METRIC_SUMS + ('steps',), 0.0)
   t_start, t_window = time.time(), time.time()
@@ -276,24 +327,32 @@ def train_and_evaluate(config, workdir, *, hooks=()):
     all_hooks = (*hooks, lambda step, _: preemption.after_call(step))
     while step < total_steps:
       boundaries = [total_steps, step + config.steps_per_call]
-      for every in (config.log_every_steps, config.checkpoint_every_steps,
-                    config.eval.every_steps):
+      for every in (config.log_every_steps, config.checkpoint_every_steps, config.eval.every_steps):
         boundaries.append((step // every + 1) * every)
       num = min(boundaries) - step
       sums, bad_step = train_steps(iterator, tf.constant(num))
       if int(bad_step) >= 0:
         raise FloatingPointError(
-            f'Non-finite loss or gradient at step {int(bad_step)}; stopped without saving. The '
-            f'last good checkpoint is {checkpoints.latest or "none (no checkpoint yet)"}. Lower '
-            'the learning rate or check the data.')
+          f'Non-finite loss or gradient at step {int(bad_step)}; stopped without saving. The '
+          f'last good checkpoint is {checkpoints.latest or "none (no checkpoint yet)"}. Lower '
+          'the learning rate or check the data.'
+        )
       step += num
       for k, v in sums.items():
         window[k] += float(v)
       window['steps'] += num
       if step % config.log_every_steps == 0 or step == total_steps:
         train_metrics = log_train_window(
-            writer, window, step, start_step, total_steps, steps_per_epoch, optimizer,
-            time.time() - t_window, time.time() - t_start)
+          writer,
+          window,
+          step,
+          start_step,
+          total_steps,
+          steps_per_epoch,
+          optimizer,
+          time.time() - t_window,
+          time.time() - t_start,
+        )
         window = dict.fromkeys(window, 0.0)
         t_window = time.time()
       context = HookContext(model, optimizer, workdir, total_steps, train_metrics)

@@ -7,6 +7,7 @@ point. The worst case of a point is the highest confidence any attack reached in
 objective of the attacks (max log-confidence) is monotone in the confidence, so the highest
 objective is the highest confidence.
 """
+
 import dataclasses
 import time
 
@@ -33,6 +34,7 @@ class Attack:
   random_start: restart 0 starts inside the ball at random (False: at the centre; restarts >= 1
     always start at random).
   """
+
   name: str
   kind: str
   steps: int
@@ -44,11 +46,14 @@ class Attack:
     if self.kind not in KINDS:
       raise ValueError(f'Attack {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}')
     if self.steps < 0 or self.restarts < 1:
-      raise ValueError(f'Attack {self.name!r}: steps must be >= 0 and restarts >= 1, got '
-                       f'{self.steps} and {self.restarts}')
+      raise ValueError(
+        f'Attack {self.name!r}: steps must be >= 0 and restarts >= 1, got '
+        f'{self.steps} and {self.restarts}'
+      )
     if self.kind == 'pgd' and not (self.step_fraction and self.step_fraction > 0):
-      raise ValueError(f'Attack {self.name!r}: PGD needs step_fraction > 0, got '
-                       f'{self.step_fraction}')
+      raise ValueError(
+        f'Attack {self.name!r}: PGD needs step_fraction > 0, got {self.step_fraction}'
+      )
 
   @property
   def passes(self):
@@ -66,11 +71,27 @@ def make_attack_fn(logits_fn, attack, objective, eps):
 
   def one(images, labels, seed, random_start):
     if attack.kind == 'pgd':
-      return attacks.pgd(logits_fn, images, objective, eps=eps,
-                         step_size=attack.step_fraction * eps, steps=attack.steps, seed=seed,
-                         labels=labels, random_start=random_start)
-    return apgd.apgd(logits_fn, images, objective, eps=eps, steps=attack.steps, seed=seed,
-                     labels=labels, random_start=random_start)
+      return attacks.pgd(
+        logits_fn,
+        images,
+        objective,
+        eps=eps,
+        step_size=attack.step_fraction * eps,
+        steps=attack.steps,
+        seed=seed,
+        labels=labels,
+        random_start=random_start,
+      )
+    return apgd.apgd(
+      logits_fn,
+      images,
+      objective,
+      eps=eps,
+      steps=attack.steps,
+      seed=seed,
+      labels=labels,
+      random_start=random_start,
+    )
 
   @tf.function(reduce_retracing=True)
   def run(images, labels, seed):
@@ -85,8 +106,9 @@ def make_attack_fn(logits_fn, attack, objective, eps):
   return run
 
 
-def attack_confidences(logits_fn, predict_fn, batches, attack_list, *, eps, seed, objective=None,
-                       name='attack'):
+def attack_confidences(
+  logits_fn, predict_fn, batches, attack_list, *, eps, seed, objective=None, name='attack'
+):
   """Runs each attack on every batch of ball centres.
 
   Args:
@@ -114,11 +136,20 @@ def attack_confidences(logits_fn, predict_fn, batches, attack_list, *, eps, seed
       adv = run(images, labels, tf.random.experimental.stateless_fold_in(seed, i))
       conf.append(np.max(np.asarray(predict_fn(adv)), axis=1))
       first = adv.numpy() if first is None else first
-    out[attack.name] = {'confidence': np.concatenate(conf), 'seconds': time.time() - start,
-                        'best': first}
-    logging.info('%s/%s: %d points, %d passes each, MMC %.3f, %.1f s', name, attack.name,
-                 out[attack.name]['confidence'].size, attack.passes,
-                 out[attack.name]['confidence'].mean(), out[attack.name]['seconds'])
+    out[attack.name] = {
+      'confidence': np.concatenate(conf),
+      'seconds': time.time() - start,
+      'best': first,
+    }
+    logging.info(
+      '%s/%s: %d points, %d passes each, MMC %.3f, %.1f s',
+      name,
+      attack.name,
+      out[attack.name]['confidence'].size,
+      attack.passes,
+      out[attack.name]['confidence'].mean(),
+      out[attack.name]['seconds'],
+    )
   return out
 
 

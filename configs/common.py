@@ -3,6 +3,7 @@
 Every config file exposes `get_config(arg)`. `arg` is a comma-separated list: the method (`plain`,
 `ceda` or `acet`) and small typed options such as `runlocal`. Unknown words are an error.
 """
+
 import ml_collections
 
 from acet_tf import noise
@@ -52,7 +53,7 @@ def parse_arg(arg, **defaults):
 
 
 def base_config(method):
-  """The paper's recipe (RECIPE.md) for `method`; dataset files fill in and override.
+  """The paper's recipe (docs/recipe.md) for `method`; dataset files fill in and override.
 
   Every hyperparameter the code reads lives here, so `--config.x.y=...` can change it.
   """
@@ -72,7 +73,9 @@ def base_config(method):
   # own 'package.module:factory', factory(input_shape, num_classes) -> keras.Model of logits.
   c.seed = 0
 
-  c.batch_size = 128  # Global number of clean images per step; as many noise images again (lambda=1).
+  c.batch_size = (
+    128  # Global number of clean images per step; as many noise images again (lambda=1).
+  )
   c.num_epochs = 100
   c.num_train_steps = -1  # > 0 overrides num_epochs (smoke runs, benchmarks).
   c.shuffle_buffer = 10_000
@@ -93,11 +96,13 @@ def base_config(method):
   # the ResNet's final dense bias; no batch-norm parameters); 'kernels' = kernels only.
   c.weight_decay_variables = 'reference'
 
-  # p_out: noise images (RECIPE.md "The out-distribution").
+  # p_out: noise images (docs/recipe.md "The out-distribution").
   # permuted_fraction: share built by permuting the pixels of training images; then a Gaussian
   # blur with sigma ~ U[sigma_min, sigma_max] and a kernel_size x kernel_size kernel.
   c.noise = noise.paper_noise_config()
-  c.noise.ratio = 0.0 if method == 'plain' else 1.0  # lambda: noise images per clean image, in (0, 1].
+  c.noise.ratio = (
+    0.0 if method == 'plain' else 1.0
+  )  # lambda: noise images per clean image, in (0, 1].
 
   # ACET's inner maximisation of the max log-confidence around each noise image.
   c.pgd = ml_collections.ConfigDict()

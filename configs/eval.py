@@ -15,6 +15,7 @@ Every field can be overridden (`--config.attacks.apgd.steps=500`, `--config.max_
 the binary's older flags (`--sets`, `--max_examples`, `--table2_examples`, ...) override these
 when given.
 """
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -22,10 +23,15 @@ PRESETS = ('paper', 'quick', 'strong')
 
 
 def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True):
-  return ml_collections.ConfigDict(dict(
-      kind=kind, steps=steps, restarts=restarts,
+  return ml_collections.ConfigDict(
+    dict(
+      kind=kind,
+      steps=steps,
+      restarts=restarts,
       step_fraction=config_dict.placeholder(float) if step_fraction is None else step_fraction,
-      random_start=random_start))
+      random_start=random_start,
+    )
+  )
 
 
 def _parse(arg):
@@ -33,8 +39,10 @@ def _parse(arg):
   presets = [w for w in words if w in PRESETS]
   unknown = [w for w in words if w not in PRESETS and w != 'runlocal']
   if unknown or len(presets) != 1:
-    raise ValueError(f'configs/eval.py takes one of {PRESETS} and optionally runlocal, e.g. '
-                     f"'strong,runlocal'; got {arg!r}.")
+    raise ValueError(
+      f'configs/eval.py takes one of {PRESETS} and optionally runlocal, e.g. '
+      f"'strong,runlocal'; got {arg!r}."
+    )
   return presets[0], 'runlocal' in words
 
 
@@ -42,7 +50,7 @@ def get_config(arg=None):
   preset, runlocal = _parse(arg)
   c = ml_collections.ConfigDict()
   c.preset = preset
-  # The paper's protocol (acet_tf.evaluate.Settings defaults, RECIPE.md).
+  # The paper's protocol (acet_tf.evaluate.Settings defaults, docs/recipe.md).
   c.sets = ''  # Comma-separated; '' = default out-datasets, noise, adv_noise, adv_samples, table2.
   c.max_examples = config_dict.placeholder(int)  # None: full test set (10k LSUN / ImageNet-).
   c.batch_size = 500

@@ -3,6 +3,7 @@
   python -m acet_tf.train --config=configs/mnist.py:acet --workdir=runs/mnist_acet
 Argument: `plain`, `ceda` or `acet`, optionally `,runlocal` for a smoke run of seconds.
 """
+
 from configs import common
 
 

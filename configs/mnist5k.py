@@ -11,6 +11,7 @@ PGD steps for time: 10 steps of 0.03 in the same eps = 0.3 ball, which still cov
 Measured on a 2-core CPU (test error; MMC on noise / on 200-step adversarial noise; wall time):
 plain 3.1%, 0.52 / 1.00, 1.5 min; CEDA 1.9%, 0.10 / 0.69, 1.5 min; ACET 3.0%, 0.10 / 0.25, 3.1 min.
 """
+
 from configs import common
 
 

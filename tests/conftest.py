@@ -1,5 +1,6 @@
 """Test setup: two logical CPU devices (made before any tensor exists, for the distributed tests)
 and the session's shared runs, trained once and reused by every test module that needs them."""
+
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -7,7 +8,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import pytest  # noqa: E402 (TF must see the environment variable first)
 import tensorflow as tf  # noqa: E402
 
-from acet_tf import export  # noqa: E402
+from acet_tf import exporter  # noqa: E402
 from acet_tf import runs  # noqa: E402
 from acet_tf import trainer  # noqa: E402
 from configs import mnist5k  # noqa: E402
@@ -38,8 +39,19 @@ def exported_run(tmp_path_factory):
   config.strategy = 'one_device'
   workdir, export_dir = str(base / 'run'), str(base / 'export')
   trainer.train_and_evaluate(config, workdir)
-  path, metadata = export.export_model(workdir, export_dir, threshold='auto',
-                                       demo_request_path=str(base / 'demo.json'), demo_examples=3)
+  path, metadata = exporter.export_model(
+    workdir,
+    export_dir,
+    threshold='auto',
+    demo_request_path=str(base / 'demo.json'),
+    demo_examples=3,
+  )
   model, _, _, _ = runs.restore_model(workdir)
-  return dict(workdir=workdir, export_dir=export_dir, path=path, metadata=metadata,
-              demo=str(base / 'demo.json'), model=model)
+  return dict(
+    workdir=workdir,
+    export_dir=export_dir,
+    path=path,
+    metadata=metadata,
+    demo=str(base / 'demo.json'),
+    model=model,
+  )

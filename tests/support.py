@@ -1,4 +1,5 @@
 """Small helpers shared by test modules (fixtures live in conftest.py)."""
+
 import numpy as np
 
 from acet_tf import evaluation
@@ -9,9 +10,12 @@ def keras_outputs(model, images, threshold):
   """What the export should return, computed from the Keras model. images float32 in [0, 1]."""
   probs = evaluation.make_predict_fn(model)(images).numpy()
   conf = probs.max(axis=1)
-  return {'probabilities': probs, 'confidence': conf,
-          'predicted_class': probs.argmax(axis=1).astype(np.int32),
-          'accepted': conf >= threshold}
+  return {
+    'probabilities': probs,
+    'confidence': conf,
+    'predicted_class': probs.argmax(axis=1).astype(np.int32),
+    'accepted': conf >= threshold,
+  }
 
 
 def digits(n=32):

@@ -1,4 +1,5 @@
 """PGD: ball and box, objective goes up, best iterate, no gradient into the weights."""
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -9,18 +10,30 @@ from acet_tf import losses
 
 def small_model(seed=0):
   keras.utils.set_random_seed(seed)
-  return keras.Sequential([
-      keras.Input((8, 8, 1)), keras.layers.Flatten(),
-      keras.layers.Dense(32, activation='relu'), keras.layers.Dense(10)])
+  return keras.Sequential(
+    [
+      keras.Input((8, 8, 1)),
+      keras.layers.Flatten(),
+      keras.layers.Dense(32, activation='relu'),
+      keras.layers.Dense(10),
+    ]
+  )
 
 
-def run_pgd(model, x0, steps=20, eps=0.3, step_size=0.03, objective=None, labels=None,
-            random_start=True):
+def run_pgd(
+  model, x0, steps=20, eps=0.3, step_size=0.03, objective=None, labels=None, random_start=True
+):
   return attacks.pgd(
-      lambda u: model(u, training=False), x0,
-      objective or attacks.max_log_confidence_objective, eps=eps, step_size=step_size,
-      steps=steps, seed=tf.constant([0, 1], tf.int64), labels=labels,
-      random_start=random_start)
+    lambda u: model(u, training=False),
+    x0,
+    objective or attacks.max_log_confidence_objective,
+    eps=eps,
+    step_size=step_size,
+    steps=steps,
+    seed=tf.constant([0, 1], tf.int64),
+    labels=labels,
+    random_start=random_start,
+  )
 
 
 def test_stays_in_ball_and_box():
@@ -79,8 +92,9 @@ def test_without_random_start_zero_steps_returns_x0():
 
 
 def test_works_on_flat_inputs_inside_tf_function():
-  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, activation='relu'),
-                            keras.layers.Dense(2)])
+  model = keras.Sequential(
+    [keras.Input((2,)), keras.layers.Dense(16, activation='relu'), keras.layers.Dense(2)]
+  )
   x0 = tf.random.stateless_uniform([32, 2], seed=[1, 1])
   fn = tf.function(lambda x: run_pgd(model, x, steps=5, eps=0.1, step_size=0.05))
   u, _ = fn(x0)

@@ -1,19 +1,21 @@
 """The paper's recipe as the configs hold it (docs/recipe.md "Training schedule", "Evaluation"):
 a change to any of these numbers changes what is reproduced, so it must be deliberate."""
+
 import importlib
 
 import pytest
 
+from acet_tf import evaluator
 from acet_tf import noise
 from acet_tf import train_step
 from configs import common
 
 # dataset config -> (TFDS name, model, optimizer, learning rate, horizontal flip).
 PAPER = {
-    'mnist': ('mnist', 'lenet', 'adam', 1e-3, False),
-    'svhn': ('svhn_cropped', 'preact_resnet', 'sgd', 0.1, False),
-    'cifar10': ('cifar10', 'preact_resnet', 'sgd', 0.1, True),
-    'cifar100': ('cifar100', 'preact_resnet', 'sgd', 0.1, True),
+  'mnist': ('mnist', 'lenet', 'adam', 1e-3, False),
+  'svhn': ('svhn_cropped', 'preact_resnet', 'sgd', 0.1, False),
+  'cifar10': ('cifar10', 'preact_resnet', 'sgd', 0.1, True),
+  'cifar100': ('cifar100', 'preact_resnet', 'sgd', 0.1, True),
 }
 
 
@@ -34,14 +36,21 @@ def test_paper_configs(name, method):
   assert c.noise.ratio == (0.0 if method == 'plain' else 1.0)
   for key, value in noise.paper_noise_config().items():
     assert c.noise[key] == value, key
-  assert (c.noise.permuted_fraction, c.noise.sigma_min, c.noise.sigma_max,
-          c.noise.kernel_size) == (0.5, 1.0, 2.5, 15)
+  assert (c.noise.permuted_fraction, c.noise.sigma_min, c.noise.sigma_max, c.noise.kernel_size) == (
+    0.5,
+    1.0,
+    2.5,
+    15,
+  )
   # ACET's inner PGD: 40 steps of 0.0075 in the eps = 0.3 ball, random start.
   assert c.pgd.steps == (40 if method == 'acet' else 0)
   assert (c.pgd.eps, c.pgd.step_size, c.pgd.random_start) == (0.3, 0.0075, True)
   # The evaluation attack on noise: 200 steps of 0.0075, eps 0.3.
   assert (c.eval.adv_noise_steps, c.eval.adv_noise_step_size, c.eval.adv_noise_eps) == (
-      200, 0.0075, 0.3)
+    200,
+    0.0075,
+    0.3,
+  )
 
 
 def test_methods_have_one_home():
@@ -56,12 +65,15 @@ def test_runlocal_shrinks_every_paper_config_to_a_smoke_run():
 
 
 def test_evaluation_defaults_are_the_papers_protocol():
-  from acet_tf import evaluate  # noqa: PLC0415 (only this test needs the evaluation binary)
-  s = evaluate.Settings()
+  s = evaluator.Settings()
   assert (s.adv_noise_steps, s.adv_noise_step_size, s.adv_noise_eps, s.adv_noise_restarts) == (
-      200, 0.0075, 0.3, 1)
+    200,
+    0.0075,
+    0.3,
+    1,
+  )
   assert s.adv_samples_steps == 80
-  assert evaluate.adv_samples_budget(s, (28, 28, 1)) == (0.3, 0.0075)
-  assert evaluate.adv_samples_budget(s, (32, 32, 3)) == (0.1, 0.0025)
-  assert evaluate.table2_examples(s) == 10_000
+  assert evaluator.adv_samples_budget(s, (28, 28, 1)) == (0.3, 0.0075)
+  assert evaluator.adv_samples_budget(s, (32, 32, 3)) == (0.1, 0.0025)
+  assert evaluator.table2_examples(s) == 10_000
   assert (s.table2_threshold, s.table2_clipped_threshold) == (0.999, 0.95)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from acet_tf import custom_data
-from acet_tf import export
+from acet_tf import exporter
 from acet_tf import input_pipeline
 from acet_tf import trainer
 from configs import custom
@@ -118,7 +118,7 @@ def test_conversion_equals_the_served_image_bytes_decoding(tmp_path):
     stored = {x.tobytes() for split in ('train', 'test') for x in _arrays(name, split, options)[0]}
     for path in written:
       with open(path, 'rb') as f:
-        served = export.decode_images(tf.constant([f.read()]), info.image_shape)[0].numpy()
+        served = exporter.decode_images(tf.constant([f.read()]), info.image_shape)[0].numpy()
       assert served.tobytes() in stored, (path, image_size, channels)
   grey_root = str(tmp_path / 'grey')
   make_folder(grey_root, ['a', 'b'], per_class=4, channels=1, formats=('png', 'jpg'))

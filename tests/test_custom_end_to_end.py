@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from werkzeug import test as werkzeug_test
 
-from acet_tf import evaluate
-from acet_tf import export
+from acet_tf import evaluator
+from acet_tf import exporter
 from acet_tf import input_pipeline
-from acet_tf import serve
+from acet_tf import server
 from acet_tf import trainer
 from configs import custom
 from tools import make_image_folder
@@ -33,10 +33,10 @@ def train_evaluate_export(tmp_path, arg):
   workdir, export_dir = str(tmp_path / 'run'), str(tmp_path / 'export')
   final = trainer.train_and_evaluate(config, workdir)
   assert final['step'] == config.num_train_steps
-  settings = evaluate.Settings(
+  settings = evaluator.Settings(
     sets=('noise', 'adv_noise'), max_examples=16, batch_size=16, adv_noise_steps=2
   )
-  results = evaluate.evaluate_run(settings, workdir=workdir)
+  results = evaluator.evaluate_run(settings, workdir=workdir)
   # The evaluation table speaks of the classes by name.
   assert list(results['test']['per_class']) == NAMES
   per_class = results['test']['per_class']
@@ -46,7 +46,7 @@ def train_evaluate_export(tmp_path, arg):
     table = f.read()
   for name in NAMES:
     assert re.search(rf'^\| {name} \| \d+ \|', table, re.M), table
-  _, metadata = export.export_model(workdir, export_dir, num_examples=16, adv_noise_examples=0)
+  _, metadata = exporter.export_model(workdir, export_dir, num_examples=16, adv_noise_examples=0)
   assert metadata['class_names'] == NAMES
   return export_dir, config
 
@@ -69,7 +69,7 @@ def assert_named(rows, names=NAMES):
 
 
 def predict_in_process(export_dir, images, signature='serving_default'):
-  client = werkzeug_test.Client(serve.RestApp(serve.ServedModel(export_dir), 'mine'))
+  client = werkzeug_test.Client(server.RestApp(server.ServedModel(export_dir), 'mine'))
   body = {'signature_name': signature, 'instances': images.tolist()}
   response = client.post('/v1/models/mine:predict', json=body)
   assert response.status_code == 200, response.get_data(as_text=True)
@@ -89,7 +89,7 @@ def test_image_folder_to_served_class_names(tmp_path):
   )
   images, _ = held_out_images(config)
   # The real server binary over HTTP, as a user would run it.
-  log = tmp_path / 'serve.txt'
+  log = tmp_path / 'server.txt'
   with open(log, 'w') as err:
     proc = subprocess.Popen(
       [
@@ -160,5 +160,5 @@ def test_model_by_name_to_served_class_names(tmp_path):
   assert images.shape[1:] == (16, 16, 1)
   rows = predict_in_process(export_dir, images, signature='serving_default')
   assert_named(rows)
-  with open(os.path.join(serve.ServedModel(export_dir).path, 'assets', 'metadata.json')) as f:
+  with open(os.path.join(server.ServedModel(export_dir).path, 'assets', 'metadata.json')) as f:
     assert json.load(f)['model'] == 'tests.model_factories:small_cnn'

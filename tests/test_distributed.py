@@ -3,6 +3,7 @@
 Both run in fresh processes: MirroredStrategy and MultiWorkerMirroredStrategy as users get them
 (TF's default collective ops), without sharing this process's collectives with other tests.
 """
+
 import json
 import os
 import re
@@ -18,10 +19,9 @@ import tensorflow as tf
 from acet_tf import distribution
 from acet_tf import input_pipeline
 from acet_tf import models
-from acet_tf import trainer
 from acet_tf import train_step
+from acet_tf import trainer
 from configs import mnist5k
-
 
 # Subprocesses, servers and whole training runs: the slow tier.
 pytestmark = pytest.mark.slow
@@ -39,8 +39,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # E[x^2] - E[x]^2) makes even one-device gradients differ by ~0.5% from float64 ones on a batch
 # this small, and two replicas differ by as much; in float64 the two agree to ~1e-13 (plain) and
 # ~1e-8 (acet), so the tolerance can be tight.
-CASES = [('plain', 'lenet', 'float32', 1e-5), ('acet', 'lenet', 'float32', 1e-5),
-         ('plain', 'preact_resnet', 'float64', 1e-6), ('acet', 'preact_resnet', 'float64', 1e-6)]
+CASES = [
+  ('plain', 'lenet', 'float32', 1e-5),
+  ('acet', 'lenet', 'float32', 1e-5),
+  ('plain', 'preact_resnet', 'float64', 1e-6),
+  ('acet', 'preact_resnet', 'float64', 1e-6),
+]
 
 
 def _three_steps(config, strategy, init):
@@ -78,10 +82,11 @@ def replica_equivalence(out_path):
     w_one = _three_steps(config, one, init)
     w_two = _three_steps(config, two, init)
     results[f'{method}-{model_name}'] = {
-        'dtype': str(w_one[0].dtype),
-        # Every variable moved (so equality is not trivial), BatchNorm's moving statistics too.
-        'min_moved': min(float(np.abs(a - b).max()) for a, b in zip(w_one, init)),
-        'max_difference': max(float(np.abs(a - b).max()) for a, b in zip(w_one, w_two))}
+      'dtype': str(w_one[0].dtype),
+      # Every variable moved (so equality is not trivial), BatchNorm's moving statistics too.
+      'min_moved': min(float(np.abs(a - b).max()) for a, b in zip(w_one, init)),
+      'max_difference': max(float(np.abs(a - b).max()) for a, b in zip(w_one, w_two)),
+    }
   with open(out_path, 'w') as f:
     json.dump(results, f)
 
@@ -90,10 +95,18 @@ def replica_equivalence(out_path):
 def equivalence(tmp_path_factory):
   out = tmp_path_factory.mktemp('equivalence') / 'results.json'
   result = subprocess.run(
-      [sys.executable, '-c', 'import sys; from tests import test_distributed as t; '
-       't.replica_equivalence(sys.argv[1])', str(out)],
-      cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'), capture_output=True, text=True,
-      timeout=900)
+    [
+      sys.executable,
+      '-c',
+      'import sys; from tests import test_distributed as t; t.replica_equivalence(sys.argv[1])',
+      str(out),
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return json.loads(out.read_text())
 
@@ -112,7 +125,7 @@ def test_two_replicas_train_like_one_device(equivalence, method, model_name, dty
 
 # Runs acet_tf.train's main; saves the final weights to $TEST_WEIGHTS; with $TEST_SIGTERM_AFTER
 # set, sends itself SIGTERM once that many steps ran (a preemption notice at a known step).
-_WORKER = '''
+_WORKER = """
 import functools, os, signal
 import numpy as np
 from absl import app
@@ -125,7 +138,7 @@ def test_hook(step, context):
   if step == context.total_steps:
     np.savez(os.environ['TEST_WEIGHTS'], *context.model.get_weights())
 app.run(functools.partial(train.main, hooks=[test_hook]))
-'''
+"""
 
 
 def _free_port():
@@ -140,24 +153,45 @@ def _run_workers(workdir, tmp_path, name, sigterm_after=None):
   closed_port = _free_port()  # Nothing listens: TF's GCP probe fails at once, locally.
   scratch = tmp_path / 'worker_tmp'
   scratch.mkdir(exist_ok=True)
-  flags = ['--config=configs/mnist5k.py:plain,runlocal', '--config.strategy=multi_worker',
-           '--config.num_train_steps=10', '--config.checkpoint_every_steps=5',
-           '--config.eval.every_steps=1000', '--config.eval.max_examples=16',
-           '--config.eval.adv_noise_examples=8', '--config.eval.adv_noise_steps=1',
-           f'--workdir={workdir}']
+  flags = [
+    '--config=configs/mnist5k.py:plain,runlocal',
+    '--config.strategy=multi_worker',
+    '--config.num_train_steps=10',
+    '--config.checkpoint_every_steps=5',
+    '--config.eval.every_steps=1000',
+    '--config.eval.max_examples=16',
+    '--config.eval.adv_noise_examples=8',
+    '--config.eval.adv_noise_steps=1',
+    f'--workdir={workdir}',
+  ]
   procs, logs = [], []
   for index in range(2):
     env = dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL='2', TMPDIR=str(scratch),
-        GCE_METADATA_IP=f'127.0.0.1:{closed_port}', NO_PROXY='127.0.0.1,localhost',
-        TF_CONFIG=json.dumps({'cluster': {'worker': [f'127.0.0.1:{p}' for p in ports]},
-                              'task': {'type': 'worker', 'index': index}}),
-        TEST_WEIGHTS=str(tmp_path / f'{name}_worker{index}.npz'),
-        TEST_SIGTERM_AFTER=str(sigterm_after if sigterm_after and index == 1 else -1))
+      os.environ,
+      TF_CPP_MIN_LOG_LEVEL='2',
+      TMPDIR=str(scratch),
+      GCE_METADATA_IP=f'127.0.0.1:{closed_port}',
+      NO_PROXY='127.0.0.1,localhost',
+      TF_CONFIG=json.dumps(
+        {
+          'cluster': {'worker': [f'127.0.0.1:{p}' for p in ports]},
+          'task': {'type': 'worker', 'index': index},
+        }
+      ),
+      TEST_WEIGHTS=str(tmp_path / f'{name}_worker{index}.npz'),
+      TEST_SIGTERM_AFTER=str(sigterm_after if sigterm_after and index == 1 else -1),
+    )
     logs.append(tmp_path / f'{name}_worker{index}.log')
     with open(logs[-1], 'w') as log:
-      procs.append(subprocess.Popen([sys.executable, '-c', _WORKER] + flags, cwd=ROOT, env=env,
-                                    stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+        subprocess.Popen(
+          [sys.executable, '-c', _WORKER] + flags,
+          cwd=ROOT,
+          env=env,
+          stdout=log,
+          stderr=subprocess.STDOUT,
+        )
+      )
   try:
     for p in procs:
       p.wait(timeout=600)
@@ -205,4 +239,7 @@ def test_two_workers_survive_a_sigterm_and_finish_with_identical_weights(tmp_pat
   assert _summary_writer_pids(workdir) == {first[0][2], second[0][2]}
   assert not [f for f in os.listdir(tmp_path / 'worker_tmp') if f.startswith('acet_tf_worker')]
   assert {f for f in os.listdir(workdir) if not f.startswith('events')} == {
-      'checkpoints', 'config.json', 'final_metrics.json'}
+    'checkpoints',
+    'config.json',
+    'final_metrics.json',
+  }

@@ -3,6 +3,7 @@
 The binary runs in-process (flags parsed, then main()): the same code as `python -m
 acet_tf.evaluate` without a second TensorFlow start-up.
 """
+
 import contextlib
 import io
 import json
@@ -16,7 +17,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from acet_tf import evaluate
+from acet_tf import evaluate  # The binary: main() runs in-process.
+from acet_tf import evaluator
 from acet_tf import input_pipeline
 from acet_tf import metrics
 from acet_tf import models
@@ -37,8 +39,12 @@ def _offline():
 
 
 # Small enough for seconds; batch = max_examples (= Table 2 draws by default): one trace each.
-FLAGS_SMALL = ('--max_examples=32', '--batch_size=32', '--adv_noise_steps=3',
-               '--adv_samples_steps=3')
+FLAGS_SMALL = (
+  '--max_examples=32',
+  '--batch_size=32',
+  '--adv_noise_steps=3',
+  '--adv_samples_steps=3',
+)
 
 
 @pytest.fixture(scope='module')
@@ -46,8 +52,13 @@ def binary_eval(run_dir, tmp_path_factory):
   """Runs the binary's main() on the run with every set: (output dir, printed text, empty dir)."""
   out = tmp_path_factory.mktemp('eval')
   empty = str(tmp_path_factory.mktemp('empty_tfds'))
-  argv = ['evaluate', f'--workdir={run_dir}', f'--output_dir={out}', f'--data_dir={empty}',
-          *FLAGS_SMALL]
+  argv = [
+    'evaluate',
+    f'--workdir={run_dir}',
+    f'--output_dir={out}',
+    f'--data_dir={empty}',
+    *FLAGS_SMALL,
+  ]
   printed = io.StringIO()
   with flagsaver.flagsaver(), _offline(), contextlib.redirect_stdout(printed):
     flags.FLAGS(argv)
@@ -73,8 +84,13 @@ def _tags(event_dir):
 @pytest.mark.slow
 def test_binary_end_to_end_on_a_mnist5k_run(run_dir, binary_eval):
   out, printed, _ = binary_eval
-  assert {'results.json', 'table.md', 'confidence_histograms.png', 'roc_curves.png',
-          'image_grid.png'} <= set(os.listdir(out))
+  assert {
+    'results.json',
+    'table.md',
+    'confidence_histograms.png',
+    'roc_curves.png',
+    'image_grid.png',
+  } <= set(os.listdir(out))
   results = json.loads((out / 'results.json').read_text())
   # Offline, the MNIST out-sets are skipped with a reason; the generated sets all ran.
   assert set(results['out_sets']) == {'noise', 'adv_noise', 'adv_samples'}
@@ -94,24 +110,30 @@ def test_binary_end_to_end_on_a_mnist5k_run(run_dir, binary_eval):
   assert results['test']['error'] == pytest.approx(np.mean(probs.argmax(1) != labels.numpy()))
   assert results['test']['mmc'] == pytest.approx(probs.max(1).mean(), abs=1e-6)
   # PGD keeps the best point, the unperturbed noise image included: it never lowers confidence.
-  assert (results['out_sets']['adv_noise']['mmc'] >=
-          results['out_sets']['noise']['mmc'] - 1e-6)
+  assert results['out_sets']['adv_noise']['mmc'] >= results['out_sets']['noise']['mmc'] - 1e-6
   adv = results['out_sets']['adv_samples']
   assert adv['num_successful'] == round(adv['success_rate'] * 32)
 
   table = (out / 'table.md').read_text()
   assert table in printed  # The binary prints what it writes.
   noise = results['out_sets']['noise']
-  assert (f"| Noise | 32 | {noise['mmc']:.3f} | {noise['auroc']:.3f} | {noise['fpr95']:.3f} |"
-          in table)
-  assert f"TE: {100 * results['test']['error']:.2f}%" in table
+  assert (
+    f'| Noise | 32 | {noise["mmc"]:.3f} | {noise["auroc"]:.3f} | {noise["fpr95"]:.3f} |' in table
+  )
+  assert f'TE: {100 * results["test"]["error"]:.2f}%' in table
   assert 'successful adversarial samples only' in table and '5th percentile' in table
   assert 'Skipped (not evaluated):' in table and '- grayCIFAR-10: ' in table
 
   tags = _tags(str(out))
   assert tf.make_ndarray(tags['eval/test/error'].tensor) == pytest.approx(results['test']['error'])
-  for tag in ('eval/noise/auroc', 'eval/adv_noise/fpr95', 'eval/adv_samples/success_rate',
-              'table2/median_alpha', 'eval/images/adv_noise', 'eval/plots/roc_curves'):
+  for tag in (
+    'eval/noise/auroc',
+    'eval/adv_noise/fpr95',
+    'eval/adv_samples/success_rate',
+    'table2/median_alpha',
+    'eval/images/adv_noise',
+    'eval/plots/roc_curves',
+  ):
     assert tag in tags, tag
 
 
@@ -119,8 +141,11 @@ def test_binary_end_to_end_on_a_mnist5k_run(run_dir, binary_eval):
 def test_strict_makes_an_unavailable_set_an_error(run_dir, binary_eval, tmp_path):
   _, _, empty = binary_eval
   with _offline(), pytest.raises(input_pipeline.DatasetUnavailableError, match='--strict'):
-    evaluate.evaluate_run(evaluate.Settings(sets=('fmnist',), strict=True, data_dir=empty),
-                          workdir=run_dir, output_dir=str(tmp_path))
+    evaluator.evaluate_run(
+      evaluator.Settings(sets=('fmnist',), strict=True, data_dir=empty),
+      workdir=run_dir,
+      output_dir=str(tmp_path),
+    )
 
 
 def _save_classifier(model, path):
@@ -145,20 +170,27 @@ def test_saved_model_gives_the_checkpoint_numbers(run_dir, binary_eval, tmp_path
   model, _, _, _ = runs.restore_model(run_dir)
   _save_classifier(model, str(export_dir / '1'))
   # The binary's settings (the seed defaults to the run's config.seed, 0).
-  settings = evaluate.Settings(max_examples=32, batch_size=32, adv_noise_steps=3,
-                               adv_samples_steps=3, data_dir=empty,
-                               num_grid_images=2)
+  settings = evaluator.Settings(
+    max_examples=32,
+    batch_size=32,
+    adv_noise_steps=3,
+    adv_samples_steps=3,
+    data_dir=empty,
+    num_grid_images=2,
+  )
   with _offline():
-    saved = evaluate.evaluate_run(settings, saved_model=str(export_dir), dataset='mnist5k',
-                                  output_dir=str(tmp_path / 'saved'))
+    saved = evaluator.evaluate_run(
+      settings, saved_model=str(export_dir), dataset='mnist5k', output_dir=str(tmp_path / 'saved')
+    )
   assert saved['model']['source'] == 'saved_model'
   assert saved['model']['path'].endswith(os.path.join('export', '1'))  # The newest version.
   assert saved['model']['attack_logits'] == 'logits output'
   assert saved['test']['error'] == ckpt['test']['error']
   assert saved['test']['mmc'] == pytest.approx(ckpt['test']['mmc'], abs=1e-6)
   for key in ('mmc', 'auroc', 'fpr95'):
-    assert saved['out_sets']['noise'][key] == pytest.approx(ckpt['out_sets']['noise'][key],
-                                                            abs=1e-5)
+    assert saved['out_sets']['noise'][key] == pytest.approx(
+      ckpt['out_sets']['noise'][key], abs=1e-5
+    )
   assert saved['table2']['median'] == pytest.approx(ckpt['table2']['median'], rel=1e-4)
   # The same logits and seeds: the attacks take the same steps.
   for key in ('adv_noise', 'adv_samples'):
@@ -167,13 +199,14 @@ def test_saved_model_gives_the_checkpoint_numbers(run_dir, binary_eval, tmp_path
   (export_dir / '1' / 'assets').mkdir(exist_ok=True)
   (export_dir / '1' / 'assets' / 'metadata.json').write_text(json.dumps({'dataset': 'mnist5k'}))
   with pytest.raises(ValueError, match='conflicting'):
-    evaluate.evaluate_run(settings, saved_model=str(export_dir), dataset='mnist',
-                          output_dir=str(tmp_path / 'd'))
+    evaluator.evaluate_run(
+      settings, saved_model=str(export_dir), dataset='mnist', output_dir=str(tmp_path / 'd')
+    )
   (export_dir / '1' / 'assets' / 'metadata.json').unlink()
   with pytest.raises(ValueError, match='--dataset'):
-    evaluate.evaluate_run(settings, saved_model=str(export_dir), output_dir=str(tmp_path / 'c'))
+    evaluator.evaluate_run(settings, saved_model=str(export_dir), output_dir=str(tmp_path / 'c'))
   with pytest.raises(ValueError, match='--output_dir'):
-    evaluate.evaluate_run(settings, saved_model=str(export_dir), dataset='mnist5k')
+    evaluator.evaluate_run(settings, saved_model=str(export_dir), dataset='mnist5k')
 
 
 @pytest.mark.slow
@@ -181,17 +214,32 @@ def test_mock_tfds_data_end_to_end(tmp_path):
   # mock_data leaves info.splits empty and draws labels uniformly: nothing may depend on either.
   with tfds.testing.mock_data(num_examples=20):
     info = input_pipeline.get_info('mnist')
-    predict_fn, logits_fn = evaluate.keras_model_fns(
-        models.create_model('lenet', info.image_shape, info.num_classes))
-    settings = evaluate.Settings(sets=('datasets', 'noise', 'adv_samples'), max_examples=16,
-                                 batch_size=16, adv_samples_steps=2, seed=0, num_grid_images=2)
-    keys, _, _, _ = evaluate.resolve_sets(settings, 'mnist')
-    out_sets, skipped = out_datasets.load_out_sets(keys, info.image_shape, batch_size=16,
-                                                   max_examples=16, strict=True)
+    predict_fn, logits_fn = evaluator.keras_model_fns(
+      models.create_model('lenet', info.image_shape, info.num_classes)
+    )
+    settings = evaluator.Settings(
+      sets=('datasets', 'noise', 'adv_samples'),
+      max_examples=16,
+      batch_size=16,
+      adv_samples_steps=2,
+      seed=0,
+      num_grid_images=2,
+    )
+    keys, _, _, _ = evaluator.resolve_sets(settings, 'mnist')
+    out_sets, skipped = out_datasets.load_out_sets(
+      keys, info.image_shape, batch_size=16, max_examples=16, strict=True
+    )
     test = input_pipeline.eval_dataset('mnist', 'test', 16, max_examples=16)
-    results = evaluate.evaluate_model(predict_fn, info, test, settings, out_sets=out_sets,
-                                      skipped=skipped, logits_fn=logits_fn,
-                                      output_dir=str(tmp_path))
+    results = evaluator.evaluate_model(
+      predict_fn,
+      info,
+      test,
+      settings,
+      out_sets=out_sets,
+      skipped=skipped,
+      logits_fn=logits_fn,
+      output_dir=str(tmp_path),
+    )
   assert not results['skipped']
   assert set(results['out_sets']) == MNIST_OUT | {'noise', 'adv_samples'}
   for key in MNIST_OUT | {'noise'}:
@@ -211,7 +259,8 @@ def test_mock_tfds_data_end_to_end(tmp_path):
 def test_cifar_out_sets_under_mock_data_and_imagenet_minus_without_a_folder():
   with tfds.testing.mock_data(num_examples=6):
     sets, skipped = out_datasets.load_out_sets(
-        ('svhn', 'cifar100', 'lsun_classroom', 'imagenet_minus'), (32, 32, 3), batch_size=4)
+      ('svhn', 'cifar100', 'lsun_classroom', 'imagenet_minus'), (32, 32, 3), batch_size=4
+    )
     with pytest.raises(input_pipeline.DatasetUnavailableError, match='imagenet_minus_dir'):
       out_datasets.load_out_sets(('imagenet_minus',), (32, 32, 3), batch_size=4, strict=True)
   assert set(sets) == {'svhn', 'cifar100', 'lsun_classroom'}
@@ -258,16 +307,19 @@ def test_imagenet_minus_from_a_folder(tmp_path):
   paths = out_datasets.image_files(str(tmp_path), 3, seed=1)
   assert len(paths) == 3 and paths == out_datasets.image_files(str(tmp_path), 3, seed=1)
   assert len(out_datasets.image_files(str(tmp_path), None)) == 5
-  images = list(out_datasets.load_out_set(
-      'imagenet_minus', (32, 32, 3), imagenet_minus_dir=str(tmp_path), max_examples=3,
-      seed=1).as_numpy_iterator())
+  images = list(
+    out_datasets.load_out_set(
+      'imagenet_minus', (32, 32, 3), imagenet_minus_dir=str(tmp_path), max_examples=3, seed=1
+    ).as_numpy_iterator()
+  )
   assert [i.shape for i in images] == [(32, 32, 3)] * 3
   # Each file is one flat colour: the images are those of the chosen files, in that order.
   chosen = [colours[int(os.path.basename(p)[3])] for p in paths]
   np.testing.assert_allclose([i.mean() for i in images], np.array(chosen) / 255, atol=1e-5)
   with pytest.raises(input_pipeline.DatasetUnavailableError, match='does not exist'):
-    out_datasets.load_out_set('imagenet_minus', (32, 32, 3),
-                              imagenet_minus_dir=str(tmp_path / 'nope'))
+    out_datasets.load_out_set(
+      'imagenet_minus', (32, 32, 3), imagenet_minus_dir=str(tmp_path / 'nope')
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +334,7 @@ def test_adversarial_sample_metrics_use_the_successful_ones_only():
   labels = np.array([3, 0, 2, 0, 1])
   # 0: still correct and confident (resisted); 1: wrong class; 2: correct class but only
   # 0.101 <= 1.01/10 (near uniform: success, the reference rule); 3: resisted; 4: wrong class.
-  entry, success = evaluate.adversarial_sample_metrics(in_conf, conf, predicted, labels, 10)
+  entry, success = evaluator.adversarial_sample_metrics(in_conf, conf, predicted, labels, 10)
   np.testing.assert_array_equal(success, [False, True, True, False, True])
   assert entry['num_attacked'] == 5 and entry['num_successful'] == 3
   assert entry['success_rate'] == pytest.approx(0.6)
@@ -290,15 +342,16 @@ def test_adversarial_sample_metrics_use_the_successful_ones_only():
   expected = metrics.ood_metrics(in_conf, conf[success])
   for key, value in expected.items():
     assert entry[key] == pytest.approx(value)
-  none, success = evaluate.adversarial_sample_metrics(in_conf, conf[:1], predicted[:1],
-                                                      labels[:1], 10)
+  none, success = evaluator.adversarial_sample_metrics(
+    in_conf, conf[:1], predicted[:1], labels[:1], 10
+  )
   assert not success.any() and none['auroc'] is None and none['mmc'] is None
 
 
 def test_log_probabilities_are_logits_with_finite_gradients():
   logits = tf.constant([[0.0, 1.0, 2.0], [0.0, 200.0, -200.0]])  # Row 2: two classes underflow.
   predict = lambda x: tf.nn.softmax(x)
-  as_logits = evaluate.log_probabilities(predict)
+  as_logits = evaluator.log_probabilities(predict)
   np.testing.assert_allclose(tf.nn.softmax(as_logits(logits)), tf.nn.softmax(logits), atol=1e-6)
   with tf.GradientTape() as tape:
     tape.watch(logits)
@@ -314,30 +367,39 @@ def test_table2_is_skipped_for_a_model_that_refuses_unbounded_inputs():
     tf.debugging.assert_less_equal(images, 1.0, 'images must be in [0, 1]')
     return tf.nn.softmax(tf.reshape(images, [tf.shape(images)[0], -1])[:, :3])
 
-  assert not evaluate.accepts_unbounded_inputs(bounded, (2, 2, 1))
-  assert evaluate.accepts_unbounded_inputs(lambda x: tf.nn.softmax(x[:, 0, 0]), (2, 2, 3))
+  assert not evaluator.accepts_unbounded_inputs(bounded, (2, 2, 1))
+  assert evaluator.accepts_unbounded_inputs(lambda x: tf.nn.softmax(x[:, 0, 0]), (2, 2, 3))
 
 
 def test_settings_and_set_selection():
   with pytest.raises(ValueError, match='unknown sets'):
-    evaluate.Settings(sets=('noise', 'mnist_c'))
-  for bad in (dict(max_examples=0), dict(adv_noise_restarts=0), dict(batch_size=0),
-              dict(adv_samples_eps=-0.1)):
+    evaluator.Settings(sets=('noise', 'mnist_c'))
+  for bad in (
+    dict(max_examples=0),
+    dict(adv_noise_restarts=0),
+    dict(batch_size=0),
+    dict(adv_samples_eps=-0.1),
+  ):
     with pytest.raises(ValueError):
-      evaluate.Settings(**bad)
-  keys, generated, table2, left_out = evaluate.resolve_sets(evaluate.Settings(), 'cifar10')
+      evaluator.Settings(**bad)
+  keys, generated, table2, left_out = evaluator.resolve_sets(evaluator.Settings(), 'cifar10')
   assert keys == ('svhn', 'cifar100', 'lsun_classroom')
-  assert generated == evaluate.GENERATED_SETS and table2
+  assert generated == evaluator.GENERATED_SETS and table2
   assert set(left_out) == {'imagenet_minus'}
-  keys, _, _, left_out = evaluate.resolve_sets(
-      evaluate.Settings(imagenet_minus_dir='/data/imagenet_minus'), 'svhn_cropped')
+  keys, _, _, left_out = evaluator.resolve_sets(
+    evaluator.Settings(imagenet_minus_dir='/data/imagenet_minus'), 'svhn_cropped'
+  )
   assert keys == ('cifar10', 'cifar100', 'lsun_classroom', 'imagenet_minus') and not left_out
-  assert evaluate.resolve_sets(evaluate.Settings(sets=('fmnist', 'noise')), 'mnist') == (
-      ('fmnist',), ('noise',), False, {})
+  assert evaluator.resolve_sets(evaluator.Settings(sets=('fmnist', 'noise')), 'mnist') == (
+    ('fmnist',),
+    ('noise',),
+    False,
+    {},
+  )
   with pytest.raises(ValueError, match='No out-distribution datasets'):
-    evaluate.resolve_sets(evaluate.Settings(), 'imagenet2012')
-  assert evaluate.table2_examples(evaluate.Settings()) == 10_000
-  assert evaluate.table2_examples(evaluate.Settings(max_examples=32)) == 32
-  assert evaluate.table2_examples(evaluate.Settings(max_examples=32, table2_examples=64)) == 64
-  assert evaluate.adv_samples_budget(evaluate.Settings(), (28, 28, 1)) == (0.3, 0.0075)
-  assert evaluate.adv_samples_budget(evaluate.Settings(), (32, 32, 3)) == (0.1, 0.0025)
+    evaluator.resolve_sets(evaluator.Settings(), 'imagenet2012')
+  assert evaluator.table2_examples(evaluator.Settings()) == 10_000
+  assert evaluator.table2_examples(evaluator.Settings(max_examples=32)) == 32
+  assert evaluator.table2_examples(evaluator.Settings(max_examples=32, table2_examples=64)) == 64
+  assert evaluator.adv_samples_budget(evaluator.Settings(), (28, 28, 1)) == (0.3, 0.0075)
+  assert evaluator.adv_samples_budget(evaluator.Settings(), (32, 32, 3)) == (0.1, 0.0025)

@@ -1,4 +1,5 @@
 """acet_tf.export: the SavedModel loads in a fresh process, matches Keras, abstains as stored."""
+
 import json
 import os
 import subprocess
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 
 from acet_tf import evaluation
-from acet_tf import export
+from acet_tf import exporter
 from acet_tf import metrics
 from configs import mnist5k
 from tests.support import digits
 from tests.support import keras_outputs
+
 
 @pytest.fixture(scope='module')
 def run(exported_run):
@@ -20,7 +22,7 @@ def run(exported_run):
 
 
 # A fresh interpreter: nothing of acet_tf or Keras is imported, only TensorFlow and the SavedModel.
-_FRESH_PROCESS = r'''
+_FRESH_PROCESS = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
@@ -54,7 +56,7 @@ except tf.errors.InvalidArgumentError as e:
   result['bad_images'] = e.message
 np.savez(outputs, **arrays)
 print(json.dumps(result))
-'''
+"""
 
 
 @pytest.mark.slow
@@ -67,13 +69,24 @@ def test_fresh_process_matches_keras_and_threshold_variable_works(run, tmp_path)
   t = float(np.median(expected['confidence']))
   np.savez(tmp_path / 'in.npz', f32=images, u8=u8, t=np.float32(t))
   proc = subprocess.run(
-      [sys.executable, '-c', _FRESH_PROCESS, run['path'], str(tmp_path / 'in.npz'),
-       str(tmp_path / 'out.npz')], capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      '-c',
+      _FRESH_PROCESS,
+      run['path'],
+      str(tmp_path / 'in.npz'),
+      str(tmp_path / 'out.npz'),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   got = np.load(tmp_path / 'out.npz')
 
-  assert result['signatures'] == sorted(export.SIGNATURES)
+  assert result['signatures'] == sorted(exporter.SIGNATURES)
   assert result['stored_threshold'] == pytest.approx(threshold, abs=1e-7)
   assert result['metadata_threshold'] == threshold
   for key in ('f32', 'u8'):  # u8 holds the same pixels as f32, so Keras' answer is the same.
@@ -81,8 +94,9 @@ def test_fresh_process_matches_keras_and_threshold_variable_works(run, tmp_path)
     np.testing.assert_allclose(got[f'{key}/confidence'], expected['confidence'], atol=1e-5)
     np.testing.assert_array_equal(got[f'{key}/predicted_class'], expected['predicted_class'])
     assert got[f'{key}/predicted_class'].dtype == np.int32
-    np.testing.assert_array_equal(got[f'{key}/accepted'],
-                                  got[f'{key}/confidence'] >= np.float32(threshold))
+    np.testing.assert_array_equal(
+      got[f'{key}/accepted'], got[f'{key}/confidence'] >= np.float32(threshold)
+    )
   # The variable changed in the loaded model, no re-export: `accepted` follows the new threshold.
   assert result['threshold_after_set'] == pytest.approx(t, abs=1e-7)
   np.testing.assert_array_equal(got['set/accepted'], got['f32/confidence'] >= np.float32(t))
@@ -94,13 +108,18 @@ def test_fresh_process_matches_keras_and_threshold_variable_works(run, tmp_path)
 
 @pytest.mark.slow
 def test_saved_model_cli_lists_the_signatures(run):
-  proc = subprocess.run(['saved_model_cli', 'show', '--all', '--dir', run['path']],
-                        capture_output=True, text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    ['saved_model_cli', 'show', '--all', '--dir', run['path']],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  for name in export.SIGNATURES:
+  for name in exporter.SIGNATURES:
     assert f"signature_def['{name}']" in out
-  for output in export.OUTPUTS:
+  for output in exporter.OUTPUTS:
     assert f"outputs['{output}']" in out
   assert out.count('DT_UINT8') == 1  # Only serving_uint8's input.
   assert "inputs['threshold']" in out
@@ -118,7 +137,8 @@ def test_auto_threshold_is_the_calibration_rule_and_metadata_is_complete(run):
   probs = evaluation.make_predict_fn(model)(images).numpy()
   conf, correct = probs.max(axis=1), probs.argmax(axis=1) == labels
   assert metadata['threshold']['value'] == pytest.approx(
-      metrics.calibrate_threshold(conf, correct, 0.95), abs=1e-6)
+    metrics.calibrate_threshold(conf, correct, 0.95), abs=1e-6
+  )
   rates = metadata['threshold']['accept_rates']
   assert rates['test_correct'] >= 0.95
   assert rates['test'] == pytest.approx(np.mean(conf >= metadata['threshold']['value']), abs=1e-9)
@@ -131,7 +151,7 @@ def test_auto_threshold_is_the_calibration_rule_and_metadata_is_complete(run):
   assert metadata['config']['method'] == 'acet'
   with open(os.path.join(run['workdir'], 'final_metrics.json')) as f:
     assert metadata['final_metrics'] == json.load(f)
-  with open(os.path.join(run['path'], 'assets', export.METADATA_FILENAME)) as f:
+  with open(os.path.join(run['path'], 'assets', exporter.METADATA_FILENAME)) as f:
     assert json.load(f) == json.loads(json.dumps(metadata))
   # TF Serving's layout: only the finished version directory, nothing half-written beside it.
   assert sorted(os.listdir(run['export_dir'])) == ['1']
@@ -144,7 +164,8 @@ def test_demo_request_holds_each_kind(run):
   assert demo['signature_name'] == 'serving_default'
   assert len(demo['instances']) == len(demo['descriptions']) == 9  # 3 test, noise, adv. noise.
   assert [d.split()[0] for d in demo['descriptions']] == ['test'] * 3 + ['noise'] * 3 + [
-      'adv_noise'] * 3
+    'adv_noise'
+  ] * 3
   images = np.asarray(demo['instances'], np.float32)
   assert images.shape == (9, 28, 28, 1) and images.min() >= 0 and images.max() <= 1
   test, labels = digits(3)
@@ -157,32 +178,33 @@ def test_versions_and_fixed_threshold(run, tmp_path):
   export_dir = str(tmp_path / 'export')
   os.makedirs(os.path.join(export_dir, '4'))  # A version directory of someone else's.
   os.makedirs(os.path.join(export_dir, 'notes'))
-  path, metadata = export.export_model(run['workdir'], export_dir, threshold='0.25',
-                                       num_examples=16, adv_noise_examples=0)
+  path, metadata = exporter.export_model(
+    run['workdir'], export_dir, threshold='0.25', num_examples=16, adv_noise_examples=0
+  )
   assert path == os.path.join(export_dir, '5')
   assert metadata['threshold']['value'] == 0.25 and metadata['threshold']['mode'] == 'fixed'
   assert 'adv_noise' not in metadata['threshold']['accept_rates']
   assert metadata['threshold']['examples'] == {'test': 16, 'noise': 16}
   with pytest.raises(FileExistsError, match='pick another --version'):
-    export.export_model(run['workdir'], export_dir, version=5, threshold=0.25, num_examples=4,
-                        adv_noise_examples=0)
+    exporter.export_model(
+      run['workdir'], export_dir, version=5, threshold=0.25, num_examples=4, adv_noise_examples=0
+    )
 
 
 @pytest.mark.parametrize('bad', ['1.5', '-0.1', 'nan', 'high', 2])
 def test_bad_threshold_is_refused(bad):
   with pytest.raises(ValueError, match="threshold must be 'auto' or a float in"):
-    export.parse_threshold(bad)
+    exporter.parse_threshold(bad)
 
 
 def test_parse_threshold():
-  assert export.parse_threshold('AUTO') == 'auto'
-  assert export.parse_threshold('0.5') == 0.5
-  assert export.parse_threshold(1) == 1.0
+  assert exporter.parse_threshold('AUTO') == 'auto'
+  assert exporter.parse_threshold('0.5') == 0.5
+  assert exporter.parse_threshold(1) == 1.0
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   config = mnist5k.get_config('plain,runlocal')
   (tmp_path / 'config.json').write_text(config.to_json())
   with pytest.raises(FileNotFoundError, match='train first'):
-    export.export_model(str(tmp_path), str(tmp_path / 'export'), threshold=0.5)
-
+    exporter.export_model(str(tmp_path), str(tmp_path / 'export'), threshold=0.5)

@@ -1,4 +1,5 @@
 """The ResNet's batch-norm-folded inference (PGD's fast path) computes the model's values."""
+
 import keras
 import numpy as np
 import pytest
@@ -12,14 +13,21 @@ from acet_tf.models import resnet
 def trained_looking_preact(shortcut, seed=0):
   """A small preact_resnet whose batch norms have non-trivial statistics and affine parameters."""
   keras.utils.set_random_seed(seed)
-  model = resnet.preact_resnet((16, 16, 3), 10, filters=(8, 16), units_per_stage=2,
-                               shortcut=shortcut)
+  model = resnet.preact_resnet(
+    (16, 16, 3), 10, filters=(8, 16), units_per_stage=2, shortcut=shortcut
+  )
   rng = np.random.RandomState(seed)
   for layer in model.layers:
     if isinstance(layer, keras.layers.BatchNormalization):
       c = layer.gamma.shape[0]
-      layer.set_weights([rng.uniform(0.5, 2.0, c), rng.normal(0, 0.3, c),
-                         rng.normal(0, 0.3, c), rng.uniform(0.2, 3.0, c)])
+      layer.set_weights(
+        [
+          rng.uniform(0.5, 2.0, c),
+          rng.normal(0, 0.3, c),
+          rng.normal(0, 0.3, c),
+          rng.uniform(0.2, 3.0, c),
+        ]
+      )
   return model
 
 
@@ -33,8 +41,11 @@ def test_folded_preact_inference_equals_the_model(shortcut):
   objective = attacks.max_log_confidence_objective
   grads = []
   for logits_fn in (fast, lambda u: model(u, training=False)):
-    grads.append(tf.function(
-        lambda u, f=logits_fn: attacks.objective_and_input_gradient(f, objective)(u, None)[1])(x))
+    grads.append(
+      tf.function(
+        lambda u, f=logits_fn: attacks.objective_and_input_gradient(f, objective)(u, None)[1]
+      )(x)
+    )
   scale = np.abs(grads[1]).max()
   assert scale > 0
   np.testing.assert_allclose(grads[0], grads[1], atol=1e-4 * scale)
@@ -59,8 +70,11 @@ def test_inference_logits_fn_picks_the_fast_path_only_where_it_applies():
   lenet = models.create_model('lenet', (28, 28, 1), 10)
   x = tf.random.stateless_uniform([2, 28, 28, 1], seed=[5, 6])
   np.testing.assert_array_equal(models.inference_logits_fn(lenet)(x), lenet(x, training=False))
-  graph = tf.function(models.inference_logits_fn(preact)).get_concrete_function(
-      tf.TensorSpec([2, 32, 32, 3])).graph
+  graph = (
+    tf.function(models.inference_logits_fn(preact))
+    .get_concrete_function(tf.TensorSpec([2, 32, 32, 3]))
+    .graph
+  )
   ops = {op.type for op in graph.get_operations()}
   assert 'BiasAdd' in ops  # The folded batch norms (the model's own convolutions have no bias).
   with pytest.raises(ValueError, match='not a preact_resnet'):

@@ -1,4 +1,5 @@
 """tools/figures.py: noise and adversarial noise rows for models restored from workdirs."""
+
 import os
 
 import numpy as np
@@ -23,9 +24,11 @@ def workdir(tmp_path_factory):
   info = input_pipeline.get_info(config.dataset)
   tf.keras.utils.set_random_seed(0)
   _, _, checkpoint = trainer.build_model_and_optimizer(
-      config, info, config.num_train_steps, tf.distribute.get_strategy())
-  tf.train.CheckpointManager(checkpoint, os.path.join(path, 'checkpoints'),
-                             max_to_keep=1).save(checkpoint_number=0)
+    config, info, config.num_train_steps, tf.distribute.get_strategy()
+  )
+  tf.train.CheckpointManager(checkpoint, os.path.join(path, 'checkpoints'), max_to_keep=1).save(
+    checkpoint_number=0
+  )
   runs.write_config(path, config)
   return path
 
@@ -34,8 +37,9 @@ def workdir(tmp_path_factory):
 def result(workdir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp('fig') / 'sub' / 'adv.png')
   # The same run twice: two rows, which must agree (one seed, one noise batch).
-  return figures.make_figure([workdir, workdir], out, num_images=4, eps=EPS, step_size=0.05,
-                             steps=6)
+  return figures.make_figure(
+    [workdir, workdir], out, num_images=4, eps=EPS, step_size=0.05, steps=6
+  )
 
 
 def test_writes_a_png(result):

@@ -1,5 +1,6 @@
 """IBP: at eps = 0 the bound is the forward pass; for eps > 0 it is above every point any attack
 reaches, on LeNet, the small pre-activation ResNet (pad shortcut) and a conv-shortcut ResNet."""
+
 import keras
 import numpy as np
 import pytest
@@ -46,8 +47,13 @@ def conv_shortcut_resnet(input_shape, num_classes):
 def models():
   keras.utils.set_random_seed(0)
   yield 'lenet', models_lib.create_model('lenet', (12, 12, 1), 10), (12, 12, 1)
-  yield 'preact_resnet', randomise_batch_norm(resnet.preact_resnet(
-      (16, 16, 3), 10, filters=(4, 8, 8), units_per_stage=1), 1), (16, 16, 3)
+  yield (
+    'preact_resnet',
+    randomise_batch_norm(
+      resnet.preact_resnet((16, 16, 3), 10, filters=(4, 8, 8), units_per_stage=1), 1
+    ),
+    (16, 16, 3),
+  )
   yield 'conv_shortcut', randomise_batch_norm(conv_shortcut_resnet((16, 16, 3), 5), 2), (16, 16, 3)
 
 
@@ -58,8 +64,9 @@ MODELS = list(models())
 def test_bound_at_eps_zero_is_the_forward_pass(name, model, shape):
   x = tf.random.stateless_uniform([8, *shape], seed=[1, 2])
   conf = tf.reduce_max(tf.nn.softmax(model(x, training=False)), axis=1).numpy()
-  np.testing.assert_allclose(ibp.confidence_upper_bound(model, x, 0.0).numpy(), conf, rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    ibp.confidence_upper_bound(model, x, 0.0).numpy(), conf, rtol=1e-5, atol=1e-6
+  )
   lo, hi = ibp.logit_bounds(model, x, x)
   np.testing.assert_allclose(lo.numpy(), model(x, training=False).numpy(), rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(hi.numpy(), lo.numpy(), atol=1e-6)
@@ -87,10 +94,15 @@ def test_bound_is_above_every_iterate_of_every_attack(name, model, shape, eps):
     u = tf.clip_by_value(u + eps / 3 * tf.sign(tape.gradient(obj, u)), lo, hi)
     reached.append(confidence(model, u))
   for steps in (1, 2, 5, 20):
-    reached.append(confidence(model, attacks.pgd(logits_fn, x, objective, eps=eps,
-                                                 step_size=eps / 4, steps=steps, seed=SEED)[0]))
-    reached.append(confidence(model, apgd.apgd(logits_fn, x, objective, eps=eps, steps=steps,
-                                               seed=SEED)[0]))
+    reached.append(
+      confidence(
+        model,
+        attacks.pgd(logits_fn, x, objective, eps=eps, step_size=eps / 4, steps=steps, seed=SEED)[0],
+      )
+    )
+    reached.append(
+      confidence(model, apgd.apgd(logits_fn, x, objective, eps=eps, steps=steps, seed=SEED)[0])
+    )
   for i in range(5):  # Random corners of the box.
     corner = tf.where(tf.random.stateless_uniform(x.shape, seed=[i, 9]) < 0.5, lo, hi)
     reached.append(confidence(model, corner))
@@ -113,7 +125,8 @@ def test_bound_grows_with_eps_and_logit_bounds_contain_the_forward_pass():
 
 def test_unsupported_layer_is_named():
   inputs = keras.Input((4,))
-  model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Dense(4, activation='tanh')(
-      inputs)))
+  model = keras.Model(
+    inputs, keras.layers.Dense(3)(keras.layers.Dense(4, activation='tanh')(inputs))
+  )
   with pytest.raises(ValueError, match='tanh'):
     ibp.confidence_upper_bound(model, tf.zeros([2, 4]), 0.1)

@@ -4,6 +4,7 @@ The logits test needs the authors' nine released ResNets in <repo>/../shared/ref
 (github max-andr/relu_networks_overconfident, folder exps_paper/); without them it skips. The
 LeNet-naming and mismatch tests write their own checkpoints with the reference's variable names.
 """
+
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from acet_tf import export
+from acet_tf import exporter
 from acet_tf import models
 from acet_tf import noise as noise_lib
 from acet_tf import reference_checkpoints as rc
@@ -25,7 +26,7 @@ from configs import cifar10
 from configs import cifar100
 from configs import mnist
 from configs import svhn
-from tools import reference_oracle
+from tools import tf1_reference_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), 'shared', 'reference_models')
@@ -33,22 +34,23 @@ NINE = [f'{d}_{m}' for d in ('svhn', 'cifar10', 'cifar100') for m in ('plain', '
 CONFIGS = {'svhn': svhn, 'cifar10': cifar10, 'cifar100': cifar100}
 # The authors' run names (exps_paper/ of their repository, commit ce2d3a1).
 RUN_NAMES = {
-    'cifar10_plain': '2019-04-03 09:02:11_dataset=cifar10 model=resnet_small p_norm=inf '
-                     'lmbd=0.0005 at_frac=0.0 pgd_eps=0.1 pgd_niter=0 frac_perm=0.5 loss=max_conf',
-    'cifar10_ceda': '2019-04-03 09:02:27_dataset=cifar10 model=resnet_small p_norm=inf '
-                    'lmbd=0.0005 at_frac=1.0 pgd_eps=0.1 pgd_niter=0 frac_perm=0.5 loss=max_conf',
-    'svhn_acet': '2019-04-04 16:28:15_dataset=svhn model=resnet_small p_norm=inf lmbd=0.0005 '
-                 'at_frac=1.0 pgd_eps=0.3 pgd_niter=40 frac_perm=0.5 loss=max_conf',
-    'cifar100_plain': '2019-04-03 22:56:05_dataset=cifar100 model=resnet_small p_norm=inf '
-                      'lmbd=0.0005 at_frac=0.0 pgd_eps=0.1 pgd_niter=0 frac_perm=0.5 '
-                      'loss=uniform_conf',
-    'mnist_acet': '2019-04-03 23:07:48_dataset=mnist model=lenet p_norm=inf lmbd=0.0005 '
-                  'at_frac=1.0 pgd_eps=0.3 pgd_niter=40 frac_perm=0.5 loss=max_conf',
+  'cifar10_plain': '2019-04-03 09:02:11_dataset=cifar10 model=resnet_small p_norm=inf '
+  'lmbd=0.0005 at_frac=0.0 pgd_eps=0.1 pgd_niter=0 frac_perm=0.5 loss=max_conf',
+  'cifar10_ceda': '2019-04-03 09:02:27_dataset=cifar10 model=resnet_small p_norm=inf '
+  'lmbd=0.0005 at_frac=1.0 pgd_eps=0.1 pgd_niter=0 frac_perm=0.5 loss=max_conf',
+  'svhn_acet': '2019-04-04 16:28:15_dataset=svhn model=resnet_small p_norm=inf lmbd=0.0005 '
+  'at_frac=1.0 pgd_eps=0.3 pgd_niter=40 frac_perm=0.5 loss=max_conf',
+  'cifar100_plain': '2019-04-03 22:56:05_dataset=cifar100 model=resnet_small p_norm=inf '
+  'lmbd=0.0005 at_frac=0.0 pgd_eps=0.1 pgd_niter=0 frac_perm=0.5 '
+  'loss=uniform_conf',
+  'mnist_acet': '2019-04-03 23:07:48_dataset=mnist model=lenet p_norm=inf lmbd=0.0005 '
+  'at_frac=1.0 pgd_eps=0.3 pgd_niter=40 frac_perm=0.5 loss=max_conf',
 }
 needs_reference = pytest.mark.skipif(
-    not os.path.isdir(REFERENCE_DIR),
-    reason=f'the authors\' checkpoints are not in {REFERENCE_DIR} (get them from github '
-           'max-andr/relu_networks_overconfident, folder exps_paper/, as ../shared/README.md says)')
+  not os.path.isdir(REFERENCE_DIR),
+  reason=f"the authors' checkpoints are not in {REFERENCE_DIR} (get them from github "
+  'max-andr/relu_networks_overconfident, folder exps_paper/, as ../shared/README.md says)',
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,26 +97,41 @@ def test_resolve_from_the_authors_layout_and_conflicts():
 def reference_lenet_weights(num_classes=10, seed=0):
   """{reference name: array} of a LeNet for 28x28x1 as the reference's models.LeNet names them."""
   rng = np.random.default_rng(seed)
-  shapes = {'conv1/conv1/weights': (5, 5, 1, 32), 'conv1/conv1/biases': (32,),
-            'conv2/conv2/weights': (5, 5, 32, 64), 'conv2/conv2/biases': (64,),
-            'fc1/weights': (7 * 7 * 64, 1024), 'fc1/biases': (1024,),
-            'fc2/weights': (1024, num_classes), 'fc2/biases': (num_classes,)}
-  return {k: (rng.normal(size=s) * (0.5 if len(s) == 1 else np.sqrt(2 / np.prod(s[:-1])))
-              ).astype(np.float32) for k, s in shapes.items()}
+  shapes = {
+    'conv1/conv1/weights': (5, 5, 1, 32),
+    'conv1/conv1/biases': (32,),
+    'conv2/conv2/weights': (5, 5, 32, 64),
+    'conv2/conv2/biases': (64,),
+    'fc1/weights': (7 * 7 * 64, 1024),
+    'fc1/biases': (1024,),
+    'fc2/weights': (1024, num_classes),
+    'fc2/biases': (num_classes,),
+  }
+  return {
+    k: (rng.normal(size=s) * (0.5 if len(s) == 1 else np.sqrt(2 / np.prod(s[:-1])))).astype(
+      np.float32
+    )
+    for k, s in shapes.items()
+  }
 
 
 def write_tf1_checkpoint(prefix, tensors):
   """A checkpoint with exactly these variable names (as TF 1's Saver writes them)."""
   names = sorted(tensors)
-  tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names, shape_and_slices=[''] * len(names),
-                    tensors=[tf.constant(tensors[n]) for n in names])
+  tf.raw_ops.SaveV2(
+    prefix=prefix,
+    tensor_names=names,
+    shape_and_slices=[''] * len(names),
+    tensors=[tf.constant(tensors[n]) for n in names],
+  )
 
 
 def lenet_forward(w, x):
   """The reference's LeNet in plain TF ops: conv SAME + ReLU, max-pool 2 SAME, twice; dense."""
   for i in (1, 2):
-    x = tf.nn.relu(tf.nn.conv2d(x, w[f'conv{i}/conv{i}/weights'], 1, 'SAME')
-                   + w[f'conv{i}/conv{i}/biases'])
+    x = tf.nn.relu(
+      tf.nn.conv2d(x, w[f'conv{i}/conv{i}/weights'], 1, 'SAME') + w[f'conv{i}/conv{i}/biases']
+    )
     x = tf.nn.max_pool2d(x, 2, 2, 'SAME')
   x = tf.reshape(x, [tf.shape(x)[0], -1])
   x = tf.nn.relu(x @ w['fc1/weights'] + w['fc1/biases'])
@@ -123,8 +140,11 @@ def lenet_forward(w, x):
 
 def test_lenet_naming_imports_exactly(tmp_path):
   weights = reference_lenet_weights()
-  counters = {'Variable': np.int32(1234), 'beta1_power': np.float32(0.9),
-              'beta2_power': np.float32(0.99)}
+  counters = {
+    'Variable': np.int32(1234),
+    'beta1_power': np.float32(0.9),
+    'beta2_power': np.float32(0.99),
+  }
   slots = {f'{k}/Adam': np.zeros_like(v) for k, v in weights.items()}
   slots.update({f'{k}/Adam_1': np.zeros_like(v) for k, v in weights.items()})
   prefix = str(tmp_path / 'ckpt' / 'model-100')
@@ -139,8 +159,9 @@ def test_lenet_naming_imports_exactly(tmp_path):
   assert restored_step == 1234 and saved_config.method == 'acet' and info.num_classes == 10
   x = np.random.default_rng(1).uniform(size=(4, 28, 28, 1)).astype(np.float32)
   want = lenet_forward(weights, x).numpy()
-  np.testing.assert_allclose(model(x, training=False).numpy(), want, rtol=1e-4,
-                             atol=1e-4 * np.abs(want).max())
+  np.testing.assert_allclose(
+    model(x, training=False).numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max()
+  )
   source = runs.read_json(workdir, runs.SOURCE)
   assert source['run_name'] == 'made here' and source['architecture'] == 'lenet'
   assert source['weights_sha256'] == rc.weights_sha256(weights)
@@ -151,14 +172,21 @@ def test_lenet_naming_imports_exactly(tmp_path):
   assert rc.weights_sha256(changed) != source['weights_sha256']
 
 
-@pytest.mark.parametrize('edit, expected', [
+@pytest.mark.parametrize(
+  'edit, expected',
+  [
     (lambda w: w.pop('fc2/biases'), r'missing: fc2/biases \(model logits/bias, shape \(10,\)\)'),
-    (lambda w: w.update({'conv3/conv3/weights': np.zeros((5, 5, 64, 64), np.float32)}),
-     r'extra: conv3/conv3/weights \(checkpoint shape \(5, 5, 64, 64\)\)'),
-    (lambda w: w.update({'fc2/weights': np.zeros((1024, 5), np.float32)}),
-     r'shape: fc2/weights has shape \(1024, 5\) in the checkpoint, the model \(logits/kernel\) '
-     r'expects \(1024, 10\)'),
-])
+    (
+      lambda w: w.update({'conv3/conv3/weights': np.zeros((5, 5, 64, 64), np.float32)}),
+      r'extra: conv3/conv3/weights \(checkpoint shape \(5, 5, 64, 64\)\)',
+    ),
+    (
+      lambda w: w.update({'fc2/weights': np.zeros((1024, 5), np.float32)}),
+      r'shape: fc2/weights has shape \(1024, 5\) in the checkpoint, the model \(logits/kernel\) '
+      r'expects \(1024, 10\)',
+    ),
+  ],
+)
 def test_mismatch_names_the_variable_and_writes_nothing(tmp_path, edit, expected):
   weights = reference_lenet_weights()
   edit(weights)
@@ -176,8 +204,11 @@ def test_unknown_architecture_and_wrong_model(tmp_path):
   with pytest.raises(ValueError, match=r'Unknown architecture.*dense/kernel'):
     rc.import_checkpoint(prefix, str(tmp_path / 'a'), mnist.get_config('plain'))
   write_tf1_checkpoint(prefix, reference_lenet_weights())
-  with pytest.raises(rc.MismatchError, match=r"reference's lenet .* config.model is "
-                                             "'preact_resnet'"):
+  with pytest.raises(
+    rc.MismatchError,
+    match=r"reference's lenet .* config.model is "
+    "'preact_resnet'",
+  ):
     rc.import_checkpoint(prefix, str(tmp_path / 'b'), cifar10.get_config('plain'))
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'b').exists()
 
@@ -193,7 +224,8 @@ def test_resnet_names_cover_the_reference_layout():
   assert len(table) == 97  # The released checkpoints' model weights.
   assert table['block_2_0/shared_activation/batch_normalization/gamma'].shape == (16,)
   assert table['block_3_2/residual_only_activation/batch_normalization/moving_variance'].path == (
-      'stage3_unit3_bn1/moving_variance')
+    'stage3_unit3_bn1/moving_variance'
+  )
   assert table['logit/fc/biases'].path == 'logits/bias'
 
 
@@ -213,8 +245,18 @@ def test_binary_infers_dataset_and_method_from_the_authors_layout(tmp_path):
   write_tf1_checkpoint(str(prefix), reference_lenet_weights())
   workdir = tmp_path / 'imported'
   result = subprocess.run(
-      [sys.executable, '-m', 'acet_tf.import_reference', f'--checkpoint={prefix}',
-       f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'acet_tf.import_reference',
+      f'--checkpoint={prefix}',
+      f'--workdir={workdir}',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   config = json.loads((workdir / 'config.json').read_text())
   assert (config['dataset'], config['method'], config['model']) == ('mnist', 'acet', 'lenet')
@@ -232,10 +274,12 @@ def probe_images(seed=0, n=6):
   """Uniform noise, the same scaled by 50 (far from the data), permuted and blurred images."""
   rng = np.random.default_rng(seed)
   uniform = rng.uniform(size=(n, 32, 32, 3)).astype(np.float32)
-  ramps = np.broadcast_to(np.linspace(0, 1, 32, dtype=np.float32)[None, :, None, None],
-                          (n, 32, 32, 3)) * rng.uniform(0.2, 1.0, size=(n, 1, 1, 3))
-  blurred = noise_lib.make_noise(ramps.astype(np.float32), tf.constant([seed, 1]),
-                                 _NoiseConfig()).numpy()
+  ramps = np.broadcast_to(
+    np.linspace(0, 1, 32, dtype=np.float32)[None, :, None, None], (n, 32, 32, 3)
+  ) * rng.uniform(0.2, 1.0, size=(n, 1, 1, 3))
+  blurred = noise_lib.make_noise(
+    ramps.astype(np.float32), tf.constant([seed, 1]), _NoiseConfig()
+  ).numpy()
   return {'uniform': uniform, 'uniform x 50': 50 * uniform, 'permuted+blurred': blurred}
 
 
@@ -253,7 +297,7 @@ def test_imported_logits_equal_the_authors_graph(tmp_path, name):
   workdir = str(tmp_path / name)
   rc.import_checkpoint(checkpoint, workdir, CONFIGS[dataset].get_config(method))
   model, _, info, _ = runs.restore_model(workdir)
-  graph = reference_oracle.ReferenceGraph(checkpoint)
+  graph = tf1_reference_graph.ReferenceGraph(checkpoint)
   try:
     for kind, images in probe_images().items():
       want = graph.logits(images)
@@ -277,8 +321,18 @@ def _start_server(export_dir, name, log):
   """acet_tf.serve on a free port (as tests/test_serve.py starts it). Returns (process, URL)."""
   with open(log, 'w') as err:
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'acet_tf.serve', f'--export_dir={export_dir}',
-         f'--model_name={name}', '--port=0'], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+      [
+        sys.executable,
+        '-m',
+        'acet_tf.serve',
+        f'--export_dir={export_dir}',
+        f'--model_name={name}',
+        '--port=0',
+      ],
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=err,
+    )
   deadline = time.monotonic() + 300
   while True:
     match = re.search(r'at http://127\.0\.0\.1:(\d+)', log.read_text())
@@ -300,19 +354,22 @@ def test_imported_cifar10_acet_exports_and_serves_without_its_data(tmp_path):
   if info.has_data:
     pytest.skip('cifar10 is on this machine: this test is about the data-free export.')
   with pytest.raises(ValueError, match='--threshold=auto calibrates on the cifar10 test split'):
-    export.export_model(workdir, export_dir, threshold='auto')
-  path, metadata = export.export_model(workdir, export_dir, threshold=0.5, num_examples=8,
-                                       adv_noise_examples=2)
+    exporter.export_model(workdir, export_dir, threshold='auto')
+  path, metadata = exporter.export_model(
+    workdir, export_dir, threshold=0.5, num_examples=8, adv_noise_examples=2
+  )
   assert metadata['threshold']['value'] == 0.5
   assert set(metadata['threshold']['accept_rates']) == {'noise', 'adv_noise'}
   assert set(metadata['threshold']['not_measured']) == {'test', 'noise'}
   assert metadata['class_names'][:2] == ['airplane', 'automobile']
 
-  proc, url = _start_server(export_dir, 'cifar10_acet', tmp_path / 'serve.txt')
+  proc, url = _start_server(export_dir, 'cifar10_acet', tmp_path / 'server.txt')
   try:
     images = np.random.default_rng(3).uniform(size=(4, 32, 32, 3)).astype(np.float32)
-    request = urllib.request.Request(f'{url}/v1/models/cifar10_acet:predict',
-                                     data=json.dumps({'instances': images.tolist()}).encode())
+    request = urllib.request.Request(
+      f'{url}/v1/models/cifar10_acet:predict',
+      data=json.dumps({'instances': images.tolist()}).encode(),
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
       rows = json.load(response)['predictions']
   finally:

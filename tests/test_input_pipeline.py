@@ -1,4 +1,5 @@
 """Tests of acet_tf.input_pipeline: mnist5k, augment, the resumable stream, TFDS, offline errors."""
+
 import dataclasses
 import socket
 import time
@@ -15,10 +16,18 @@ NUM_TRAIN = 4000  # mnist5k.
 
 
 def _config(batch_size, crop_padding=0, flip=False, dataset='mnist5k'):
-  return ml_collections.ConfigDict(dict(
-      dataset=dataset, data_dir='', batch_size=batch_size, seed=3, shuffle_buffer=1000,
-      num_epochs=5, num_train_steps=-1,
-      augment=dict(crop_padding=crop_padding, flip=flip)))
+  return ml_collections.ConfigDict(
+    dict(
+      dataset=dataset,
+      data_dir='',
+      batch_size=batch_size,
+      seed=3,
+      shuffle_buffer=1000,
+      num_epochs=5,
+      num_train_steps=-1,
+      augment=dict(crop_padding=crop_padding, flip=flip),
+    )
+  )
 
 
 def _batches(ds, n):
@@ -38,8 +47,13 @@ def _keys(images):
 def test_mnist5k_info():
   info = input_pipeline.get_info('mnist5k')
   assert info == input_pipeline.DatasetInfo(
-      name='mnist5k', image_shape=(28, 28, 1), num_classes=10, num_train_examples=4000,
-      num_test_examples=1000, class_names=tuple('0123456789'))
+    name='mnist5k',
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    num_train_examples=4000,
+    num_test_examples=1000,
+    class_names=tuple('0123456789'),
+  )
 
 
 def test_mnist5k_splits_are_stratified_disjoint_and_fixed():
@@ -113,8 +127,12 @@ def test_augment_crop_is_a_shift_of_the_zero_padded_image():
   for seed in _seeds(30):
     out = input_pipeline.augment(image, seed, crop_padding=2, flip=False).numpy()
     assert out.shape == image.shape
-    match = [(dy, dx) for dy in range(5) for dx in range(5)
-             if np.array_equal(out, padded[dy:dy + 8, dx:dx + 8])]
+    match = [
+      (dy, dx)
+      for dy in range(5)
+      for dx in range(5)
+      if np.array_equal(out, padded[dy : dy + 8, dx : dx + 8])
+    ]
     assert match
     shifts.add(match[0])
   assert len(shifts) > 5  # Random, not a fixed offset.
@@ -177,9 +195,11 @@ def _pipeline_streams(config, info, steps):
   streams = []
   for i in range(2):
     context = tf.distribute.InputContext(
-        num_input_pipelines=2, input_pipeline_id=i, num_replicas_in_sync=2)
-    streams.append(_batches(
-        input_pipeline.train_dataset(config, info, input_context=context), steps))
+      num_input_pipelines=2, input_pipeline_id=i, num_replicas_in_sync=2
+    )
+    streams.append(
+      _batches(input_pipeline.train_dataset(config, info, input_context=context), steps)
+    )
   return streams, _batches(input_pipeline.train_dataset(config, info), steps)
 
 
@@ -215,12 +235,15 @@ def test_train_dataset_two_replicas_of_one_pipeline_split_each_step(info):
   config = _config(400, crop_padding=4)
   whole = _batches(input_pipeline.train_dataset(config, info, start_step=8), 6)
   context = tf.distribute.InputContext(
-      num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=2)
-  halves = _batches(input_pipeline.train_dataset(config, info, start_step=8, input_context=context),
-                    12)
+    num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=2
+  )
+  halves = _batches(
+    input_pipeline.train_dataset(config, info, start_step=8, input_context=context), 12
+  )
   for step, batch in enumerate(whole):
     np.testing.assert_array_equal(
-        batch[0], np.concatenate([halves[2 * step][0], halves[2 * step + 1][0]]))
+      batch[0], np.concatenate([halves[2 * step][0], halves[2 * step + 1][0]])
+    )
 
 
 def test_train_dataset_rejects_bad_sizes(info):
@@ -248,8 +271,9 @@ def test_tfds_under_mock_data(name, shape):
     assert images.shape == (12,) + shape and images.dtype == np.float32
     assert 0.0 <= images.min() and images.max() <= 1.0 and images.max() > 0.5
     assert labels.dtype == np.int32 and ((0 <= labels) & (labels < 10)).all()
-    batches = _batches(input_pipeline.train_dataset(
-        _config(4, crop_padding=4, flip=True, dataset=name), info), 5)
+    batches = _batches(
+      input_pipeline.train_dataset(_config(4, crop_padding=4, flip=True, dataset=name), info), 5
+    )
     assert [b[0].shape for b in batches] == [(4,) + shape] * 5
 
 
@@ -278,9 +302,13 @@ def _assert_fails_fast(name, load, data_dir):
   assert f'tfds build {name}' in message and 'configs/mnist5k.py' in message
 
 
-@pytest.mark.parametrize('load', [input_pipeline.get_info,
-                                  lambda name, data_dir: input_pipeline.load_split(
-                                      name, 'train', data_dir)])
+@pytest.mark.parametrize(
+  'load',
+  [
+    input_pipeline.get_info,
+    lambda name, data_dir: input_pipeline.load_split(name, 'train', data_dir),
+  ],
+)
 def test_not_prepared_without_network_fails_fast(load, tmp_path, monkeypatch):
   # Hermetic: never starts a real download, even on a machine with network.
   monkeypatch.setattr(input_pipeline, '_network_available', lambda: False)

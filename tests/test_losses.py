@@ -1,4 +1,5 @@
 """Losses: max log-confidence, cross-entropy, weight decay."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -39,6 +40,10 @@ def test_decayed_variables_reference_rule_takes_conv_and_dense_biases_not_batch_
   lenet = models.lenet((28, 28, 1), 10)
   assert len(losses.decayed_variables(lenet, 'reference')) == len(lenet.trainable_variables) == 8
   assert [v.path for v in losses.decayed_variables(lenet, 'kernels')] == [
-      'conv1/kernel', 'conv2/kernel', 'fc1/kernel', 'logits/kernel']
-  with pytest.raises(ValueError, match="weight_decay_variables must be one of"):
+    'conv1/kernel',
+    'conv2/kernel',
+    'fc1/kernel',
+    'logits/kernel',
+  ]
+  with pytest.raises(ValueError, match='weight_decay_variables must be one of'):
     losses.decayed_variables(lenet, 'all')

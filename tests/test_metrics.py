@@ -1,4 +1,5 @@
 """Tests for acet_tf.metrics against hand-computed cases and brute-force definitions."""
+
 import math
 
 import numpy as np
@@ -151,7 +152,8 @@ def test_fpr_at_tpr_linear_percentile():
 
 
 def test_fpr_at_tpr_counts_points_at_threshold():
-  # in = 0..100: h = 100 * 0.05 = 5 exactly, threshold = 5.0; an out point at 5.0 is a false positive.
+  # in = 0..100: h = 100 * 0.05 = 5 exactly, threshold = 5.0; an out point at 5.0 is a false
+  # positive.
   in_scores = np.arange(0, 101, dtype=float)
   assert metrics.fpr_at_tpr(in_scores, [5.0]) == 1.0
   assert metrics.fpr_at_tpr(in_scores, [np.nextafter(5.0, 0.0)]) == 0.0
@@ -286,7 +288,8 @@ def test_alpha_summary_hand_case_with_unreached():
 
 
 def test_alpha_summary_infinite_median_and_exact_order_statistic():
-  # Sorted [1, 2, inf, inf, inf]: median h = 2 -> inf; q25 h = 1 lands exactly on 2 (no 0 * inf NaN).
+  # Sorted [1, 2, inf, inf, inf]: median h = 2 -> inf; q25 h = 1 lands exactly on 2
+  # (no 0 * inf NaN).
   out = metrics.alpha_summary([2.0, 1.0, 5e6, np.inf, 1e6], alpha_max=1e6)
   assert out['median'] == float('inf')
   assert out['q25'] == 2.0
@@ -316,8 +319,14 @@ def test_alpha_summary_errors():
 # Input validation
 # --------------------------------------------------------------------------------------------------
 
-_SCORE_FUNCTIONS = (metrics.auroc, metrics.aupr_in, metrics.aupr_out, metrics.fpr_at_tpr,
-                    metrics.roc_curve, metrics.ood_metrics)
+_SCORE_FUNCTIONS = (
+  metrics.auroc,
+  metrics.aupr_in,
+  metrics.aupr_out,
+  metrics.fpr_at_tpr,
+  metrics.roc_curve,
+  metrics.ood_metrics,
+)
 
 
 @pytest.mark.parametrize('fn', _SCORE_FUNCTIONS)

@@ -1,4 +1,5 @@
 """mixed_float16: loss-scale overflows are skipped, not fatal; PGD's gradient signs survive."""
+
 import keras
 import numpy as np
 import pytest
@@ -21,16 +22,26 @@ def float16_trainer(config, initial_scale):
   """The tiny model of test_train_step in mixed_float16 (float32 head) with its own scale."""
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
-    model = keras.Sequential([
+    model = keras.Sequential(
+      [
         keras.Input((12, 12, 1)),
         keras.layers.Conv2D(4, 3, padding='same', activation='relu'),
-        keras.layers.MaxPooling2D(2), keras.layers.Flatten(),
-        keras.layers.Dense(16, activation='relu'), keras.layers.Dense(3, dtype='float32')])
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(16, activation='relu'),
+        keras.layers.Dense(3, dtype='float32'),
+      ]
+    )
     optimizer = keras.optimizers.LossScaleOptimizer(
-        keras.optimizers.SGD(config.optimizer.learning_rate), initial_scale=initial_scale)
+      keras.optimizers.SGD(config.optimizer.learning_rate), initial_scale=initial_scale
+    )
     optimizer.build(model.trainable_variables)
-  return model, optimizer, strategy, train_step.make_train_function(model, optimizer, config,
-                                                                      strategy)
+  return (
+    model,
+    optimizer,
+    strategy,
+    train_step.make_train_function(model, optimizer, config, strategy),
+  )
 
 
 @pytest.mark.parametrize('method', ['plain', 'acet'])
@@ -62,8 +73,9 @@ def test_the_trainer_wraps_float16_in_a_loss_scale_optimizer():
   config.mixed_precision = 'mixed_float16'
   assert isinstance(train_step.create_optimizer(config, 10), keras.optimizers.LossScaleOptimizer)
   config.mixed_precision = 'mixed_bfloat16'
-  assert not isinstance(train_step.create_optimizer(config, 10),
-                        keras.optimizers.LossScaleOptimizer)
+  assert not isinstance(
+    train_step.create_optimizer(config, 10), keras.optimizers.LossScaleOptimizer
+  )
 
 
 def test_a_real_non_finite_loss_still_stops_and_names_the_step(float16_policy):
@@ -80,12 +92,16 @@ def test_a_real_non_finite_loss_still_stops_and_names_the_step(float16_policy):
 
 def confident_model(margin):
   """A small conv net whose class 0 logit is raised by `margin` (confidence ~1 - exp(-margin))."""
-  model = keras.Sequential([
+  model = keras.Sequential(
+    [
       keras.Input((12, 12, 1)),
       keras.layers.Conv2D(8, 3, padding='same', activation='relu'),
-      keras.layers.MaxPooling2D(2), keras.layers.Flatten(),
+      keras.layers.MaxPooling2D(2),
+      keras.layers.Flatten(),
       keras.layers.Dense(32, activation='relu'),
-      keras.layers.Dense(5, dtype='float32')])
+      keras.layers.Dense(5, dtype='float32'),
+    ]
+  )
   kernel, bias = model.layers[-1].get_weights()
   model.layers[-1].set_weights([kernel, bias + margin * np.eye(5)[0]])
   return model
@@ -94,7 +110,8 @@ def confident_model(margin):
 def pgd_move(model, x0, step_size=0.05):
   """PGD's step from x0: clip(x0 + step * sign(input gradient)) with attacks.py's own pass."""
   grad_fn = attacks.objective_and_input_gradient(
-      lambda u: model(u, training=False), attacks.max_log_confidence_objective)
+    lambda u: model(u, training=False), attacks.max_log_confidence_objective
+  )
   obj, grad = tf.function(lambda x: grad_fn(x, None))(x0)
   return obj.numpy(), np.clip(x0.numpy() + step_size * np.sign(grad.numpy()), 0.0, 1.0)
 
@@ -130,6 +147,7 @@ def test_float16_pgd_on_a_confident_model_moves_the_input_like_float32():
 def test_a_float16_run_with_forced_overflows_trains_to_the_end(tmp_path, monkeypatch):
   from acet_tf import train  # pylint: disable=g-import-not-at-top
   from configs import mnist5k  # pylint: disable=g-import-not-at-top
+
   config = mnist5k.get_config('acet,runlocal')
   config.strategy = 'one_device'
   config.mixed_precision = 'mixed_float16'
@@ -139,8 +157,9 @@ def test_a_float16_run_with_forced_overflows_trains_to_the_end(tmp_path, monkeyp
   def huge_scale(config, total_steps):
     # The trainer's optimizer with a scale that overflows float16 for the first ~25 steps.
     optimizer = create_optimizer(config, total_steps)
-    optimizer = keras.optimizers.LossScaleOptimizer(optimizer.inner_optimizer,
-                                                    initial_scale=2.0**50)
+    optimizer = keras.optimizers.LossScaleOptimizer(
+      optimizer.inner_optimizer, initial_scale=2.0**50
+    )
     scales.append(optimizer)
     return optimizer
 

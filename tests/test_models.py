@@ -1,4 +1,6 @@
-"""Tests for acet_tf.models: shapes, exact parameter counts, batch norm modes, piecewise affinity."""
+"""Tests for acet_tf.models: shapes, exact parameter counts, batch norm modes, piecewise
+affinity."""
+
 import importlib
 
 import keras
@@ -7,7 +9,6 @@ import pytest
 import tensorflow as tf
 
 from acet_tf import models
-
 
 _SHAPES = {'lenet': (28, 28, 1), 'preact_resnet': (32, 32, 3), 'resnet18': (32, 32, 3)}
 
@@ -25,14 +26,23 @@ def _layers(model, kind):
 
 
 def _moving_stats(model):
-  return [v.numpy().copy() for layer in _layers(model, keras.layers.BatchNormalization)
-          for v in (layer.moving_mean, layer.moving_variance)]
+  return [
+    v.numpy().copy()
+    for layer in _layers(model, keras.layers.BatchNormalization)
+    for v in (layer.moving_mean, layer.moving_variance)
+  ]
 
 
 def test_every_config_names_a_known_model_and_every_model_has_a_config():
   used = set()
-  for name, arg in [('mnist', 'plain'), ('mnist5k', 'plain'), ('svhn', 'plain'),
-                    ('cifar10', 'plain'), ('cifar100', 'plain'), ('cifar10', 'plain,model=resnet18')]:
+  for name, arg in [
+    ('mnist', 'plain'),
+    ('mnist5k', 'plain'),
+    ('svhn', 'plain'),
+    ('cifar10', 'plain'),
+    ('cifar100', 'plain'),
+    ('cifar10', 'plain,model=resnet18'),
+  ]:
     model = importlib.import_module(f'configs.{name}').get_config(arg).model
     assert model in models.MODEL_NAMES, (name, arg, model)
     used.add(model)
@@ -57,8 +67,12 @@ def test_unknown_name_lists_valid_names():
 
 @pytest.mark.parametrize('num_classes', [10, 26])
 def test_lenet_parameter_count(num_classes):
-  expected = ((5 * 5 * 1 * 32 + 32) + (5 * 5 * 32 * 64 + 64) + (7 * 7 * 64 * 1024 + 1024)
-              + (1024 * num_classes + num_classes))
+  expected = (
+    (5 * 5 * 1 * 32 + 32)
+    + (5 * 5 * 32 * 64 + 64)
+    + (7 * 7 * 64 * 1024 + 1024)
+    + (1024 * num_classes + num_classes)
+  )
   model = models.create_model('lenet', (28, 28, 1), num_classes)
   assert model.count_params() == expected  # 3,274,634 for K=10.
   assert [layer.filters for layer in _layers(model, keras.layers.Conv2D)] == [32, 64]
@@ -74,17 +88,30 @@ def test_preact_resnet_structure():
   adds = _layers(model, keras.layers.Add)
   assert len(adds) == 9
   assert [tuple(adds[i].output.shape[1:]) for i in (2, 5, 8)] == [
-      (32, 32, 16), (16, 16, 32), (8, 8, 64)]
+    (32, 32, 16),
+    (16, 16, 32),
+    (8, 8, 64),
+  ]
   # Pre-activation: 2 BNs per unit plus the final one, before the pool; all synchronized.
   bns = _layers(model, keras.layers.BatchNormalization)
   assert len(bns) == 9 * 2 + 1 and all(bn.synchronized for bn in bns)
   bn = lambda c: 2 * c  # gamma and beta.
   conv = lambda k, cin, cout: k * k * cin * cout
   stage1 = 3 * (bn(16) + conv(3, 16, 16) + bn(16) + conv(3, 16, 16))
-  stage2 = (bn(16) + conv(3, 16, 32) + bn(32) + conv(3, 32, 32)
-            + 2 * (bn(32) + conv(3, 32, 32) + bn(32) + conv(3, 32, 32)))
-  stage3 = (bn(32) + conv(3, 32, 64) + bn(64) + conv(3, 64, 64)
-            + 2 * (bn(64) + conv(3, 64, 64) + bn(64) + conv(3, 64, 64)))
+  stage2 = (
+    bn(16)
+    + conv(3, 16, 32)
+    + bn(32)
+    + conv(3, 32, 32)
+    + 2 * (bn(32) + conv(3, 32, 32) + bn(32) + conv(3, 32, 32))
+  )
+  stage3 = (
+    bn(32)
+    + conv(3, 32, 64)
+    + bn(64)
+    + conv(3, 64, 64)
+    + 2 * (bn(64) + conv(3, 64, 64) + bn(64) + conv(3, 64, 64))
+  )
   expected = conv(3, 3, 16) + stage1 + stage2 + stage3 + bn(64) + 64 * 10 + 10
   assert _num_trainable(model) == expected == 269_722
 
@@ -165,7 +192,8 @@ def test_mirrored_batchnorm_uses_global_batch():
   # Reduction through one device, not collectives: MirroredStrategies in one process reuse the same
   # collective instance keys, so ours would clash with other test modules' (tensorflow#62790).
   strategy = tf.distribute.MirroredStrategy(
-      ['/cpu:0', '/cpu:1'], cross_device_ops=tf.distribute.ReductionToOneDevice())
+    ['/cpu:0', '/cpu:1'], cross_device_ops=tf.distribute.ReductionToOneDevice()
+  )
   with strategy.scope():
     model = models.create_model('preact_resnet', (32, 32, 3), 10)
   single = models.create_model('preact_resnet', (32, 32, 3), 10)
@@ -174,7 +202,8 @@ def test_mirrored_batchnorm_uses_global_batch():
   x = _images((32, 32, 3), 8)
   x[4:] *= 0.3
   halves = strategy.experimental_distribute_values_from_function(
-      lambda ctx: x[4 * ctx.replica_id_in_sync_group:4 * (ctx.replica_id_in_sync_group + 1)])
+    lambda ctx: x[4 * ctx.replica_id_in_sync_group : 4 * (ctx.replica_id_in_sync_group + 1)]
+  )
   step = tf.function(lambda v: strategy.run(lambda u: model(u, training=True), args=(v,)))
   logits = np.concatenate([t.numpy() for t in strategy.experimental_local_results(step(halves))])
   np.testing.assert_allclose(logits, single(x, training=True).numpy(), atol=1e-4)

@@ -1,4 +1,5 @@
 """The noise distribution p_out: range, shapes, blur against scipy, permutations."""
+
 import ml_collections
 import numpy as np
 import pytest
@@ -8,7 +9,8 @@ import tensorflow as tf
 from acet_tf import noise
 
 CONFIG = ml_collections.ConfigDict(
-    dict(permuted_fraction=0.5, sigma_min=1.0, sigma_max=2.5, kernel_size=15))
+  dict(permuted_fraction=0.5, sigma_min=1.0, sigma_max=2.5, kernel_size=15)
+)
 
 
 def test_blur_matches_scipy_reflect():
@@ -19,8 +21,8 @@ def test_blur_matches_scipy_reflect():
   for i, sigma in enumerate(sigmas):
     # scipy's radius is int(truncate * sigma + 0.5): truncate = 7 / sigma gives the 15 taps.
     want = scipy.ndimage.gaussian_filter(
-        images[i].astype(np.float64), sigma=(sigma, sigma, 0), mode='reflect',
-        truncate=7 / sigma)
+      images[i].astype(np.float64), sigma=(sigma, sigma, 0), mode='reflect', truncate=7 / sigma
+    )
     np.testing.assert_allclose(got[i], want, atol=1e-5)
 
 
@@ -37,8 +39,10 @@ def test_noise_range_shape_and_full_span():
   np.testing.assert_allclose(out.min(axis=(1, 2, 3)), 0, atol=1e-6)
   np.testing.assert_allclose(out.max(axis=(1, 2, 3)), 1, atol=1e-6)
   # Low-pass: neighbouring pixels are far more alike than in white noise.
-  assert np.abs(np.diff(out, axis=1)).mean() < 0.5 * np.abs(np.diff(
-      np.random.rand(*out.shape), axis=1)).mean()
+  assert (
+    np.abs(np.diff(out, axis=1)).mean()
+    < 0.5 * np.abs(np.diff(np.random.rand(*out.shape), axis=1)).mean()
+  )
 
 
 def test_half_the_noise_permutes_training_images():
@@ -70,7 +74,8 @@ def test_noise_is_independent_of_the_replica_split():
   strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
   halves = tf.split(images, 2)
   per_replica = strategy.experimental_distribute_values_from_function(
-      lambda ctx: halves[ctx.replica_id_in_sync_group])
+    lambda ctx: halves[ctx.replica_id_in_sync_group]
+  )
   out = strategy.run(lambda x: noise.make_noise(x, seed, CONFIG), args=(per_replica,))
   got = np.concatenate([t.numpy() for t in strategy.experimental_local_results(out)])
   np.testing.assert_allclose(got, whole, atol=1e-6)

@@ -1,4 +1,5 @@
 """The evaluation plots: what each figure holds, and that the PNGs are written."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -17,8 +18,11 @@ def _read_png(path):
 
 def test_confidence_histograms_count_every_point_on_a_log_axis(tmp_path):
   rng = np.random.default_rng(0)
-  sets = {'test': rng.uniform(0.9, 1.0, 50), 'noise': rng.uniform(0.1, 0.6, 30),
-          'adv': np.array([0.1, 1.0, 1.0])}  # 1.0 is the right edge: it must still be counted.
+  sets = {
+    'test': rng.uniform(0.9, 1.0, 50),
+    'noise': rng.uniform(0.1, 0.6, 30),
+    'adv': np.array([0.1, 1.0, 1.0]),
+  }  # 1.0 is the right edge: it must still be counted.
   path = tmp_path / 'hist.png'
   fig = plots.confidence_histograms(sets, str(path), title='t', num_classes=10, cols=2)
   axes = fig.get_axes()
@@ -54,8 +58,8 @@ def test_image_grid_titles_every_image_with_class_and_confidence(tmp_path):
   names = tuple('abcdefghij')
   grey = np.random.default_rng(2).uniform(size=(3, 8, 8, 1)).astype(np.float32)
   rows = {
-      'noise': (grey, np.array([0, 1, 2]), np.array([0.5, 0.25, 0.125])),
-      'adv': (grey[:2], np.array([9, 3]), np.array([0.99, 0.75]), np.array([4, 3])),
+    'noise': (grey, np.array([0, 1, 2]), np.array([0.5, 0.25, 0.125])),
+    'adv': (grey[:2], np.array([9, 3]), np.array([0.99, 0.75]), np.array([4, 3])),
   }
   path = tmp_path / 'grid.png'
   fig = plots.image_grid(rows, names, str(path))
@@ -78,12 +82,15 @@ def test_rgb_images_and_no_file_without_a_path(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize('call', [
+@pytest.mark.parametrize(
+  'call',
+  [
     lambda: plots.confidence_histograms({}),
     lambda: plots.roc_curves([0.5], {}),
     lambda: plots.image_grid({}, ('a',)),
     lambda: plots.image_grid({'x': (np.zeros((0, 2, 2, 1)), [], [])}, ('a',)),
-])
+  ],
+)
 def test_empty_input_is_an_error(call):
   with pytest.raises(ValueError):
     call()

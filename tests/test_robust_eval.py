@@ -1,6 +1,7 @@
 """The evaluation beyond the paper through acet_tf.evaluate: eval configs, attacked sets (worst
 case >= every attack >= the paper's), guaranteed (IBP) metrics above the worst case, scores side by
 side, the photo-patch and folder out-sets."""
+
 import contextlib
 import io
 import json
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from acet_tf import evaluate
+from acet_tf import evaluate  # The binary: main() runs in-process.
+from acet_tf import evaluator
 from acet_tf import input_pipeline
 from acet_tf import models
 from acet_tf import out_datasets
@@ -22,26 +24,30 @@ from configs import eval as eval_config
 
 def test_paper_config_is_the_protocol_of_the_flags_alone():
   # Same Settings -> the same code path and seeds as the binary without --config.
-  assert evaluate.settings_from_config(eval_config.get_config('paper')) == evaluate.Settings()
-  strong = evaluate.settings_from_config(eval_config.get_config('strong'))
+  assert evaluator.settings_from_config(eval_config.get_config('paper')) == evaluator.Settings()
+  strong = evaluator.settings_from_config(eval_config.get_config('strong'))
   assert {a.name for a in strong.attacks} == {'pgd', 'apgd'} and strong.guaranteed
   assert 'photos' in strong.sets and strong.attacked_sets == ('adv_noise', 'out_sets')
-  small = evaluate.settings_from_config(eval_config.get_config('strong,runlocal'),
-                                        max_examples=8)
+  small = evaluator.settings_from_config(eval_config.get_config('strong,runlocal'), max_examples=8)
   assert small.max_examples == 8 and all(a.steps == 5 for a in small.attacks)
   with pytest.raises(ValueError, match='one of'):
     eval_config.get_config('paper,strong')
   with pytest.raises(ValueError, match='attacked_sets'):
-    evaluate.Settings(attacked_sets=('nope',), guaranteed=True)
+    evaluator.Settings(attacked_sets=('nope',), guaranteed=True)
   with pytest.raises(ValueError, match='name=folder'):
-    evaluate.parse_image_dirs(['nofolder'])
+    evaluator.parse_image_dirs(['nofolder'])
 
 
 def small_setup(seed=0):
   keras.utils.set_random_seed(seed)
-  info = input_pipeline.DatasetInfo(name='mnist5k', image_shape=(28, 28, 1), num_classes=10,
-                                    num_train_examples=0, num_test_examples=24,
-                                    class_names=tuple(str(i) for i in range(10)))
+  info = input_pipeline.DatasetInfo(
+    name='mnist5k',
+    image_shape=(28, 28, 1),
+    num_classes=10,
+    num_train_examples=0,
+    num_test_examples=24,
+    class_names=tuple(str(i) for i in range(10)),
+  )
   model = models.create_model('lenet', info.image_shape, info.num_classes)
   x = tf.random.stateless_uniform([24, 28, 28, 1], seed=[1, 2])
   y = tf.argmax(model(x), axis=1, output_type=tf.int32)
@@ -52,18 +58,38 @@ def small_setup(seed=0):
 
 def test_attacked_sets_worst_case_guaranteed_and_scores(tmp_path):
   info, model, test, out_sets = small_setup()
-  predict_fn, logits_fn = evaluate.keras_model_fns(model)
-  settings = evaluate.settings_from_config(
-      eval_config.get_config('strong,runlocal'), sets=('noise', 'adv_noise'), max_examples=24,
-      batch_size=12, seed=0, num_grid_images=2, attacked_eps=0.01, table2_examples=8)
-  results = evaluate.evaluate_model(
-      predict_fn, info, test, settings, out_sets=out_sets, logits_fn=logits_fn,
-      keras_model=model, true_logits=True, output_dir=str(tmp_path))
+  predict_fn, logits_fn = evaluator.keras_model_fns(model)
+  settings = evaluator.settings_from_config(
+    eval_config.get_config('strong,runlocal'),
+    sets=('noise', 'adv_noise'),
+    max_examples=24,
+    batch_size=12,
+    seed=0,
+    num_grid_images=2,
+    attacked_eps=0.01,
+    table2_examples=8,
+  )
+  results = evaluator.evaluate_model(
+    predict_fn,
+    info,
+    test,
+    settings,
+    out_sets=out_sets,
+    logits_fn=logits_fn,
+    keras_model=model,
+    true_logits=True,
+    output_dir=str(tmp_path),
+  )
   attacked = results['attacked']
   assert set(attacked) == {'adv_noise', 'photos'}
   noise = attacked['adv_noise']
-  assert set(noise['attacks']) == {'paper@noise', 'pgd@noise', 'apgd@noise', 'pgd@uniform',
-                                   'apgd@uniform'}
+  assert set(noise['attacks']) == {
+    'paper@noise',
+    'pgd@noise',
+    'apgd@noise',
+    'pgd@uniform',
+    'apgd@uniform',
+  }
   assert noise['attacks']['paper@noise']['mmc'] == results['out_sets']['adv_noise']['mmc']
   for entry in attacked.values():
     w = entry['worst_case']
@@ -89,13 +115,16 @@ def test_attacked_sets_worst_case_guaranteed_and_scores(tmp_path):
 
 def test_scores_path_gives_the_numbers_of_the_predict_path():
   info, model, test, out_sets = small_setup(1)
-  predict_fn, logits_fn = evaluate.keras_model_fns(model)
-  settings = evaluate.Settings(sets=('noise', 'adv_noise'), max_examples=24, batch_size=12,
-                               adv_noise_steps=3, seed=0)
-  a = evaluate.evaluate_model(predict_fn, info, test, settings, out_sets=out_sets,
-                              logits_fn=logits_fn, true_logits=True)
-  b = evaluate.evaluate_model(predict_fn, info, test, settings, out_sets=out_sets,
-                              logits_fn=logits_fn)
+  predict_fn, logits_fn = evaluator.keras_model_fns(model)
+  settings = evaluator.Settings(
+    sets=('noise', 'adv_noise'), max_examples=24, batch_size=12, adv_noise_steps=3, seed=0
+  )
+  a = evaluator.evaluate_model(
+    predict_fn, info, test, settings, out_sets=out_sets, logits_fn=logits_fn, true_logits=True
+  )
+  b = evaluator.evaluate_model(
+    predict_fn, info, test, settings, out_sets=out_sets, logits_fn=logits_fn
+  )
   assert a['test'] == b['test']
   for key in b['out_sets']:
     for m in ('mmc', 'auroc', 'fpr95', 'aupr_in', 'aupr_out'):
@@ -122,16 +151,23 @@ def test_photo_patches_and_any_folder_as_out_set(tmp_path):
   assert np.std([float(tf.reduce_mean(c)) for c in colour]) > 0.02
   for i in range(3):
     (tmp_path / f'{i}.png').write_bytes(
-        tf.io.encode_png(np.full((40, 50, 3), 40 * i, np.uint8)).numpy())
+      tf.io.encode_png(np.full((40, 50, 3), 40 * i, np.uint8)).numpy()
+    )
   images = list(out_datasets.load_out_set('mine', (28, 28, 1), image_dirs={'mine': str(tmp_path)}))
-  np.testing.assert_allclose([float(i.numpy().mean()) for i in images], [0, 40 / 255, 80 / 255],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    [float(i.numpy().mean()) for i in images], [0, 40 / 255, 80 / 255], atol=1e-5
+  )
   with pytest.raises(ValueError, match='image_dirs'):
     out_datasets.load_out_set('mine', (28, 28, 1))
 
 
-FLAGS_SMALL = ('--max_examples=16', '--batch_size=16', '--adv_noise_steps=3',
-               '--adv_samples_steps=3', '--table2_examples=16')
+FLAGS_SMALL = (
+  '--max_examples=16',
+  '--batch_size=16',
+  '--adv_noise_steps=3',
+  '--adv_samples_steps=3',
+  '--table2_examples=16',
+)
 
 
 @pytest.mark.slow
@@ -139,8 +175,14 @@ def test_binary_paper_config_gives_the_numbers_of_the_flags(plain_run, tmp_path)
   outs = {}
   for name, extra in (('flags', ()), ('config', ('--config=configs/eval.py:paper',))):
     out = tmp_path / name
-    argv = ['evaluate', f'--workdir={plain_run}', f'--output_dir={out}',
-            f'--data_dir={tmp_path / "empty"}', *FLAGS_SMALL, *extra]
+    argv = [
+      'evaluate',
+      f'--workdir={plain_run}',
+      f'--output_dir={out}',
+      f'--data_dir={tmp_path / "empty"}',
+      *FLAGS_SMALL,
+      *extra,
+    ]
     with flagsaver.flagsaver(), contextlib.redirect_stdout(io.StringIO()):
       flags.FLAGS(argv)
       evaluate.main(argv[:1])
@@ -154,12 +196,19 @@ def test_binary_paper_config_gives_the_numbers_of_the_flags(plain_run, tmp_path)
 
 def test_data_free_attacked_noise_reports_mmc_only():
   info, model, _, _ = small_setup(2)
-  predict_fn, logits_fn = evaluate.keras_model_fns(model)
-  settings = evaluate.settings_from_config(
-      eval_config.get_config('strong,runlocal'), sets=('adv_noise',), max_examples=8,
-      batch_size=8, seed=0, adv_noise_starts=('uniform',), attacked_sets=('adv_noise',))
-  results = evaluate.evaluate_model(predict_fn, info, None, settings, logits_fn=logits_fn,
-                                    keras_model=model, true_logits=True)
+  predict_fn, logits_fn = evaluator.keras_model_fns(model)
+  settings = evaluator.settings_from_config(
+    eval_config.get_config('strong,runlocal'),
+    sets=('adv_noise',),
+    max_examples=8,
+    batch_size=8,
+    seed=0,
+    adv_noise_starts=('uniform',),
+    attacked_sets=('adv_noise',),
+  )
+  results = evaluator.evaluate_model(
+    predict_fn, info, None, settings, logits_fn=logits_fn, keras_model=model, true_logits=True
+  )
   entry = results['attacked']['adv_noise']
   assert set(entry['attacks']) == {'pgd@uniform', 'apgd@uniform'}
   assert entry['worst_case']['auroc'] is None and entry['guaranteed_auroc'] is None

@@ -1,4 +1,5 @@
 """Table 2's alpha search against linear models, where the crossing is known in closed form."""
+
 import numpy as np
 import pytest
 from scipy import optimize
@@ -77,8 +78,9 @@ def test_two_classes_match_the_closed_form():
 def test_ten_classes_match_a_root_finder_and_alpha_one_is_exact():
   rng = np.random.default_rng(1)
   weights = ordered_weights(10, rng)
-  x = np.concatenate([spread_inputs(rng, 20, 1e-4, 0.1),
-                      spread_inputs(rng, 4, 50.0, 60.0)])  # Confident already at alpha = 1.
+  x = np.concatenate(
+    [spread_inputs(rng, 20, 1e-4, 0.1), spread_inputs(rng, 4, 50.0, 60.0)]
+  )  # Confident already at alpha = 1.
   alphas, _ = scaling.make_alpha_search(linear_predict(weights))(x)
   expected = np.array([exact_alpha(z) for z in logits64(x, weights)])
   assert (expected[:20] > 2).all() and (expected[20:] == 1).all()
@@ -120,13 +122,13 @@ def test_table2_summary_and_clipped_share_recomputed_by_hand():
   predict = linear_predict(weights)
   seed = tf.constant([7, 8], tf.int64)
   summary, alphas, clipped = scaling.table2(
-      predict, SHAPE, seed=seed, num_examples=50, batch_size=16)
+    predict, SHAPE, seed=seed, num_examples=50, batch_size=16
+  )
   assert alphas.shape == (50,) and clipped.shape == (50,)
   # The draws are uniform noise, reproducible from the seed and batch size.
   x = np.concatenate(list(scaling.uniform_noise_batches(seed, SHAPE, 50, 16)))
   assert x.min() >= 0 and x.max() < 1
-  np.testing.assert_allclose(
-      alphas, [exact_alpha(z) for z in logits64(x, weights)], rtol=RTOL)
+  np.testing.assert_allclose(alphas, [exact_alpha(z) for z in logits64(x, weights)], rtol=RTOL)
   expected = metrics.alpha_summary(alphas, 1e6)
   for key in ('median', 'q25', 'q75', 'share_unreached'):
     assert summary[key] == expected[key]
@@ -134,14 +136,20 @@ def test_table2_summary_and_clipped_share_recomputed_by_hand():
   np.testing.assert_allclose(clipped, conf, rtol=1e-5)
   assert summary['share_overconfident_clipped'] == pytest.approx(np.mean(conf > 0.95))
   assert 0 < summary['share_overconfident_clipped'] < 1  # Not a trivial all-or-nothing case.
-  again, again_alphas, _ = scaling.table2(
-      predict, SHAPE, seed=seed, num_examples=50, batch_size=16)
+  again, again_alphas, _ = scaling.table2(predict, SHAPE, seed=seed, num_examples=50, batch_size=16)
   np.testing.assert_array_equal(again_alphas, alphas)
 
 
-@pytest.mark.parametrize('kwargs', [dict(threshold=1.0), dict(alpha_max=0.5),
-                                    dict(alpha_max=float('inf')), dict(grid_factor=1.0),
-                                    dict(bisection_steps=-1)])
+@pytest.mark.parametrize(
+  'kwargs',
+  [
+    dict(threshold=1.0),
+    dict(alpha_max=0.5),
+    dict(alpha_max=float('inf')),
+    dict(grid_factor=1.0),
+    dict(bisection_steps=-1),
+  ],
+)
 def test_bad_search_settings(kwargs):
   with pytest.raises(ValueError):
     scaling.make_alpha_search(lambda x: x, **kwargs)

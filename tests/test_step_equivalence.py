@@ -1,11 +1,13 @@
-"""The optimised train step still computes RECIPE.md's step: a straightforward reference agrees.
+"""The optimised train step still computes docs/recipe.md's step: a straightforward reference
+agrees.
 
 The reference below is written to be read, not to be fast: eager TensorFlow, numpy and scipy,
-one RECIPE.md fact at a time. Only the random draws are shared with the project (the same
+one docs/recipe.md fact at a time. Only the random draws are shared with the project (the same
 stateless seeds, drawn in the same order), so that "same seed" means the same noise and the same
 PGD start. The project's step (train_step.make_train_function with the CPU fast paths of
 attacks.py) must give the same loss and the same weights after one step.
 """
+
 import keras
 import numpy as np
 import pytest
@@ -24,19 +26,19 @@ LEARNING_RATE = 0.01
 
 
 # ----------------------------------------------------------------------------------------------
-# The reference step, RECIPE.md read literally.
+# The reference step, docs/recipe.md read literally.
 # ----------------------------------------------------------------------------------------------
 
 
 def reference_noise(images, seed, noise_config):
-  """RECIPE.md "The out-distribution p_out": float64 [B, H, W, C] in [0, 1]."""
+  """docs/recipe.md "The out-distribution p_out": float64 [B, H, W, C] in [0, 1]."""
   b, h, w, c = images.shape
   seed_uniform, seed_permute, seed_sigma = batch_random.split(seed, 3)
   uniform = tf.random.stateless_uniform([b, h, w, c], seed=seed_uniform).numpy()
   keys = tf.random.stateless_uniform([b, h * w], seed=seed_permute).numpy()
   sigmas = tf.random.stateless_uniform(
-      [b], seed=seed_sigma, minval=noise_config.sigma_min,
-      maxval=noise_config.sigma_max).numpy()
+    [b], seed=seed_sigma, minval=noise_config.sigma_min, maxval=noise_config.sigma_max
+  ).numpy()
   out = np.zeros([b, h, w, c])
   for i in range(b):
     # round(fraction * B) of the images, spread evenly, permute a training image's pixels.
@@ -49,8 +51,11 @@ def reference_noise(images, seed, noise_config):
     # Gaussian low-pass: 15 taps (radius 7), normalised, per channel, symmetric padding.
     radius = noise_config.kernel_size // 2
     blurred = scipy.ndimage.gaussian_filter(
-        image.astype(np.float64), sigma=(sigmas[i], sigmas[i], 0), mode='reflect',
-        truncate=radius / sigmas[i])
+      image.astype(np.float64),
+      sigma=(sigmas[i], sigmas[i], 0),
+      mode='reflect',
+      truncate=radius / sigmas[i],
+    )
     out[i] = (blurred - blurred.min()) / (blurred.max() - blurred.min())
   return out
 
@@ -61,7 +66,7 @@ def max_log_softmax(logits):
 
 
 def reference_pgd(model, z, seed, eps, step_size, steps, return_last=False):
-  """RECIPE.md "PGD": random start, sign steps, projection, best iterate; eager, step by step.
+  """docs/recipe.md "PGD": random start, sign steps, projection, best iterate; eager, step by step.
 
   return_last=True returns the last iterate instead (to check that a test can tell them apart).
   """
@@ -95,29 +100,40 @@ def reference_step(model, config, images, labels):
   """One SGD step; returns (loss, adversarial noise or None, new weights)."""
   out = None
   if config.noise.ratio > 0:
-    out = tf.constant(reference_noise(
-        images, batch_random.step_seed(config.seed, 0, train_step.NOISE_STREAM), config.noise),
-        tf.float32)
+    out = tf.constant(
+      reference_noise(
+        images, batch_random.step_seed(config.seed, 0, train_step.NOISE_STREAM), config.noise
+      ),
+      tf.float32,
+    )
     if config.pgd.steps > 0:
       out = reference_pgd(
-          model, out, batch_random.step_seed(config.seed, 0, train_step.PGD_STREAM),
-          config.pgd.eps, config.pgd.step_size, config.pgd.steps)
+        model,
+        out,
+        batch_random.step_seed(config.seed, 0, train_step.PGD_STREAM),
+        config.pgd.eps,
+        config.pgd.step_size,
+        config.pgd.steps,
+      )
   inputs = images if out is None else tf.concat([images, out], axis=0)
   with tf.GradientTape() as tape:
     logits = model(inputs, training=True)
-    loss_in = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits[:len(images)])
-    loss_out = max_log_softmax(logits[len(images):])
+    loss_in = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits[: len(images)])
+    loss_out = max_log_softmax(logits[len(images) :])
     # (sum CE + sum L_out) / (n_clean + n_noise) + wd * sum of squares of the variables whose
     # reference name (its TF 1 scopes) contains 'weight', 'fc' or 'conv', the reference's
     # regularizers.weight_decay: conv/dense kernels and biases, no batch-norm parameters.
     decay = config.weight_decay * sum(
-        tf.reduce_sum(tf.square(v)) for name, v in reference_scopes(model).items()
-        if 'weight' in name or 'fc' in name or 'conv' in name)
+      tf.reduce_sum(tf.square(v))
+      for name, v in reference_scopes(model).items()
+      if 'weight' in name or 'fc' in name or 'conv' in name
+    )
     loss = (tf.reduce_sum(loss_in) + tf.reduce_sum(loss_out)) / len(inputs) + decay
   grads = tape.gradient(loss, model.trainable_variables)
   # SGD with momentum from zero velocity: the first step is w - lr * g.
-  weights = [v.numpy() - LEARNING_RATE * g.numpy()
-             for v, g in zip(model.trainable_variables, grads)]
+  weights = [
+    v.numpy() - LEARNING_RATE * g.numpy() for v, g in zip(model.trainable_variables, grads)
+  ]
   return float(loss), out, weights
 
 
@@ -162,7 +178,9 @@ def project_step(config, weights, images, labels):
   return float(sums['loss']), [v.numpy() for v in model.trainable_variables]
 
 
-@pytest.mark.parametrize('model_name,method,pgd_steps,step_size', [
+@pytest.mark.parametrize(
+  'model_name,method,pgd_steps,step_size',
+  [
     ('lenet', 'plain', 0, 0.0),
     ('lenet', 'ceda', 0, 0.0),
     ('lenet', 'acet', 8, 0.04),
@@ -170,7 +188,8 @@ def project_step(config, weights, images, labels):
     ('lenet', 'acet', 3, 0.6),
     # Batch norm: PGD must run in inference mode, the loss in training mode.
     ('preact_resnet', 'acet', 2, 0.1),
-])
+  ],
+)
 def test_project_step_equals_the_reference_step(model_name, method, pgd_steps, step_size):
   config = make_config(model_name, method, pgd_steps, step_size)
   images, labels = batch_of_images(INPUT_SHAPES[model_name])
@@ -194,19 +213,27 @@ def test_project_attack_equals_the_reference_attack(steps, step_size):
   model = models.create_model('lenet', (28, 28, 1), 10)
   noise_seed = batch_random.step_seed(config.seed, 0, train_step.NOISE_STREAM)
   got_noise = train_step.image_noise(config)(images, noise_seed)
-  np.testing.assert_allclose(got_noise, reference_noise(images, noise_seed, config.noise),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    got_noise, reference_noise(images, noise_seed, config.noise), atol=1e-5
+  )
   seed = batch_random.step_seed(config.seed, 0, train_step.PGD_STREAM)
   want = reference_pgd(model, got_noise, seed, config.pgd.eps, step_size, steps)
-  pgd = tf.function(lambda x: attacks.pgd(
-      lambda u: model(u, training=False), x, attacks.max_log_confidence_objective,
-      eps=config.pgd.eps, step_size=step_size, steps=steps, seed=seed))
+  pgd = tf.function(
+    lambda x: attacks.pgd(
+      lambda u: model(u, training=False),
+      x,
+      attacks.max_log_confidence_objective,
+      eps=config.pgd.eps,
+      step_size=step_size,
+      steps=steps,
+      seed=seed,
+    )
+  )
   got, _ = pgd(got_noise)
   np.testing.assert_allclose(got, want, atol=1e-6)
   if step_size > 2 * config.pgd.eps:
     # The case must tell the best-iterate rule from "return the last iterate".
-    last = reference_pgd(model, got_noise, seed, config.pgd.eps, step_size, steps,
-                         return_last=True)
+    last = reference_pgd(model, got_noise, seed, config.pgd.eps, step_size, steps, return_last=True)
     assert not np.allclose(want, last)
 
 
@@ -215,19 +242,22 @@ def test_cpu_input_gradient_takes_the_fast_path_and_matches_the_tape():
   # TensorFlow's kernels: grouped (Keras runs it in a nested XLA function on CPU), strided
   # 'valid', and multi-channel.
   keras.utils.set_random_seed(2)
-  model = keras.Sequential([
+  model = keras.Sequential(
+    [
       keras.Input((12, 12, 1)),
       keras.layers.Conv2D(6, 5, padding='same', activation='relu'),
       keras.layers.MaxPooling2D(2),
       keras.layers.Conv2D(6, 3, padding='same', groups=6, activation='relu'),
       keras.layers.Conv2D(8, 3, strides=2, padding='valid', activation='relu'),
       keras.layers.Conv2D(8, 3, padding='same', activation='relu'),
-      keras.layers.Flatten(), keras.layers.Dense(10)])
+      keras.layers.Flatten(),
+      keras.layers.Dense(10),
+    ]
+  )
   x = tf.random.stateless_uniform([5, 12, 12, 1], seed=[3, 4])
   logits_fn = lambda u: model(u, training=False)
   objective = attacks.max_log_confidence_objective
-  fast = tf.function(
-      lambda u: attacks.objective_and_input_gradient(logits_fn, objective)(u, None))
+  fast = tf.function(lambda u: attacks.objective_and_input_gradient(logits_fn, objective)(u, None))
   obj, grad = fast(x)
   with tf.GradientTape() as tape:
     tape.watch(x)

@@ -1,4 +1,5 @@
 """tools/toy2d.py: the numbers behind the two-moons pictures, on a short run of plain and ACET."""
+
 import keras
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_linear_regions_are_finitely_many_and_affine(result):
   points = toy2d.grid(0.0, 1.0, resolution)
   ids = toy2d.activation_patterns(model, points)
   num_regions = ids.max() + 1
-  assert 1 < num_regions < resolution ** 2  # Several regions, most wider than one grid cell.
+  assert 1 < num_regions < resolution**2  # Several regions, most wider than one grid cell.
   assert set(np.unique(ids)) == set(range(num_regions))
   # On each region the network is one affine map: a least-squares affine fit is exact.
   sizes = np.bincount(ids)
@@ -83,8 +84,9 @@ def test_ray_confidence_matches_the_model():
   directions = np.array([[0.2, 0.9]], np.float32)
   alphas = np.array([1.0, 10.0])
   conf = toy2d.ray_confidence(model, directions, alphas)
-  expected = tf.reduce_max(tf.nn.softmax(model(np.array([[0.2, 0.9], [2.0, 9.0]], np.float32))),
-                           axis=1).numpy()
+  expected = tf.reduce_max(
+    tf.nn.softmax(model(np.array([[0.2, 0.9], [2.0, 9.0]], np.float32))), axis=1
+  ).numpy()
   np.testing.assert_allclose(conf[0], expected, rtol=1e-5)
 
 

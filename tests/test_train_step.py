@@ -1,4 +1,5 @@
 """The compiled train step: loss falls, distributed update equals single-device update."""
+
 import keras
 import numpy as np
 import pytest
@@ -20,11 +21,16 @@ def tiny_config(method, batch=8):
 
 
 def tiny_model():
-  return keras.Sequential([
+  return keras.Sequential(
+    [
       keras.Input((12, 12, 1)),
       keras.layers.Conv2D(4, 3, padding='same', activation='relu'),
-      keras.layers.MaxPooling2D(2), keras.layers.Flatten(),
-      keras.layers.Dense(16, activation='relu'), keras.layers.Dense(3)])
+      keras.layers.MaxPooling2D(2),
+      keras.layers.Flatten(),
+      keras.layers.Dense(16, activation='relu'),
+      keras.layers.Dense(3),
+    ]
+  )
 
 
 def toy_data(n, seed=0):
@@ -33,7 +39,7 @@ def toy_data(n, seed=0):
   labels = rng.randint(0, 3, size=n).astype(np.int32)
   images = rng.rand(n, 12, 12, 1).astype(np.float32) * 0.3
   for i, y in enumerate(labels):
-    images[i, 4 * y:4 * y + 4] += 0.7
+    images[i, 4 * y : 4 * y + 4] += 0.7
   return images, labels
 
 
@@ -48,8 +54,9 @@ def make_trainer(config, strategy, weights=None, total_steps=100):
 
 
 def dataset(images, labels, batch):
-  return tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(
-      batch, drop_remainder=True)
+  return (
+    tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(batch, drop_remainder=True)
+  )
 
 
 @pytest.mark.parametrize('method', ['plain', 'ceda', 'acet'])
@@ -77,8 +84,10 @@ def test_two_replicas_give_the_single_device_update(method):
   images, labels = toy_data(24, seed=1)
   init = tiny_model().get_weights()
   results = []
-  for strategy in (tf.distribute.OneDeviceStrategy('/cpu:0'),
-                   tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])):
+  for strategy in (
+    tf.distribute.OneDeviceStrategy('/cpu:0'),
+    tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1']),
+  ):
     model, optimizer, train = make_trainer(config, strategy, weights=init)
     # The same global batches; MirroredStrategy gives replica r the r-th half of each.
     it = iter(strategy.experimental_distribute_dataset(dataset(images, labels, 8)))
@@ -107,5 +116,4 @@ def test_learning_rate_drops_at_the_configured_fractions():
   config = tiny_config('plain')
   schedule = train_step.learning_rate_schedule(config, total_steps=100)
   got = [float(schedule(s)) for s in (0, 49, 50, 74, 75, 89, 90, 99)]
-  np.testing.assert_allclose(got, [0.05, 0.05, 0.005, 0.005, 5e-4, 5e-4, 5e-5, 5e-5],
-                             rtol=1e-5)
+  np.testing.assert_allclose(got, [0.05, 0.05, 0.005, 0.005, 5e-4, 5e-4, 5e-5, 5e-5], rtol=1e-5)

@@ -6,6 +6,7 @@ The paper's 200-step attack (eps 0.3, step 0.0075, max log-confidence, one rando
 (a) `raw`: x ~ U[0, 1]^d, and (b) `blurred`: the uniform half of the paper's noise (Gaussian blur,
 min-max rescale; what acet_tf.evaluate uses without training images). Prints both MMCs.
 """
+
 import time
 
 from absl import app
@@ -25,9 +26,18 @@ _POINTS = flags.DEFINE_integer('points', 100, 'Noise images per start.')
 def mmc_after_attack(model, images, seed):
   predict = evaluation.make_predict_fn(model)
   batches = [(tf.constant(images), tf.zeros([len(images)], tf.int32))]
-  adv = list(evaluation.attack_batches(
-      model, batches, attacks.max_log_confidence_objective, eps=0.3, step_size=0.0075, steps=200,
-      seed=seed, name='adv_noise'))
+  adv = list(
+    evaluation.attack_batches(
+      model,
+      batches,
+      attacks.max_log_confidence_objective,
+      eps=0.3,
+      step_size=0.0075,
+      steps=200,
+      seed=seed,
+      name='adv_noise',
+    )
+  )
   return float(evaluation.predict_batches(predict, adv).confidence.mean())
 
 
@@ -38,13 +48,16 @@ def main(argv):
   raw = tf.random.stateless_uniform([n, *shape], seed=[int(config.seed), 21]).numpy()
   noise_config = noise_lib.paper_noise_config()
   noise_config.permuted_fraction = 0.0
-  blurred = noise_lib.make_noise(tf.zeros([n, *shape]), tf.constant([int(config.seed), 22]),
-                                 noise_config).numpy()
+  blurred = noise_lib.make_noise(
+    tf.zeros([n, *shape]), tf.constant([int(config.seed), 22]), noise_config
+  ).numpy()
   for name, images in (('raw', raw), ('blurred', blurred)):
     start = time.time()
     mmc = mmc_after_attack(model, images.astype(np.float32), tf.constant([int(config.seed), 23]))
-    print(f'{_WORKDIR.value} start={name}: adversarial-noise MMC {mmc:.3f} over {n} points, '
-          f'{time.time() - start:.0f} s')
+    print(
+      f'{_WORKDIR.value} start={name}: adversarial-noise MMC {mmc:.3f} over {n} points, '
+      f'{time.time() - start:.0f} s'
+    )
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ The step timed is `train_step.make_train_function` itself, not a copy. Times are
 calls for at least --min_rep_s seconds. `peak_rss_mb` is the process's peak so far: run one case
 per process to read it for that case alone.
 """
+
 import json
 import os
 import resource
@@ -36,11 +37,13 @@ _MODEL = flags.DEFINE_list('model', ['lenet'], 'Models: lenet, preact_resnet, re
 _METHOD = flags.DEFINE_list('method', ['plain', 'ceda', 'acet'], 'Methods: plain, ceda, acet.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global clean images per step (as many noise again).')
 _PGD_STEPS = flags.DEFINE_integer('pgd_steps', 40, 'PGD steps of the ACET step and attack line.')
-_EVAL_PGD_STEPS = flags.DEFINE_integer('eval_pgd_steps', 200,
-                                       "Steps of evaluation's attack (0: skip that line).")
+_EVAL_PGD_STEPS = flags.DEFINE_integer(
+  'eval_pgd_steps', 200, "Steps of evaluation's attack (0: skip that line)."
+)
 _JIT = flags.DEFINE_bool('jit', False, 'config.jit_compile: XLA for the step and the attack.')
-_MIXED = flags.DEFINE_enum('mixed_precision', '', ['', 'mixed_float16', 'mixed_bfloat16'],
-                           'config.mixed_precision.')
+_MIXED = flags.DEFINE_enum(
+  'mixed_precision', '', ['', 'mixed_float16', 'mixed_bfloat16'], 'config.mixed_precision.'
+)
 _STEPS_PER_CALL = flags.DEFINE_integer('steps_per_call', 1, 'Train steps per tf.function call.')
 _REPLICAS = flags.DEFINE_integer('replicas', 1, 'Logical CPU devices; > 1 uses MirroredStrategy.')
 _REPS = flags.DEFINE_integer('reps', 5, 'Timed repetitions (the median is reported).')
@@ -56,13 +59,15 @@ NUM_CLASSES = 10
 
 
 def setup_devices(replicas, intra_op_threads=0, inter_op_threads=0):
-  """Splits the CPU into `replicas` logical devices and sets thread pools. Call before any tensor."""
+  """Splits the CPU into `replicas` logical devices and sets thread pools. Call before any
+  tensor."""
   if replicas < 1:
     raise ValueError(f'replicas must be >= 1, got {replicas}')
   if replicas > 1:
     cpu = tf.config.list_physical_devices('CPU')[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+      cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+    )
   if intra_op_threads:
     tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
   if inter_op_threads:
@@ -73,17 +78,21 @@ def create_strategy(replicas):
   """OneDeviceStrategy, or MirroredStrategy over the logical CPUs (one per process)."""
   cpus = [d.name for d in tf.config.list_logical_devices('CPU')]
   if len(cpus) < replicas:
-    raise ValueError(f'{replicas} replicas asked but {len(cpus)} logical CPUs exist: call '
-                     'setup_devices before creating any tensor.')
+    raise ValueError(
+      f'{replicas} replicas asked but {len(cpus)} logical CPUs exist: call '
+      'setup_devices before creating any tensor.'
+    )
   if replicas == 1:
     return tf.distribute.OneDeviceStrategy(cpus[0])
   # ReductionToOneDevice: no collective keys that a second strategy could collide with.
   return tf.distribute.MirroredStrategy(
-      cpus[:replicas], cross_device_ops=tf.distribute.ReductionToOneDevice())
+    cpus[:replicas], cross_device_ops=tf.distribute.ReductionToOneDevice()
+  )
 
 
-def benchmark_config(model, method, batch, pgd_steps, jit=False, mixed_precision='',
-                     steps_per_call=1):
+def benchmark_config(
+  model, method, batch, pgd_steps, jit=False, mixed_precision='', steps_per_call=1
+):
   """The paper's recipe for `method` (configs/common.py) with the benchmark's sizes."""
   if model not in MODEL_INPUTS:
     raise ValueError(f'Unknown model {model!r}; choose from {sorted(MODEL_INPUTS)}.')
@@ -137,10 +146,13 @@ def peak_rss_mb():
 
 def _environment():
   """What the figures depend on besides the case: versions and thread settings."""
-  return dict(tf=tf.__version__, keras=keras.__version__,
-              intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
-              inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
-              onednn=os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'))
+  return dict(
+    tf=tf.__version__,
+    keras=keras.__version__,
+    intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+    inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+    onednn=os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'),
+  )
 
 
 def _build(config, strategy, total_steps=10**6):
@@ -157,8 +169,9 @@ def synthetic_batch(config, seed=0):
   """(images float32 [B, H, W, C] in [0, 1], labels int32 [B]) for config.model."""
   shape = MODEL_INPUTS[config.model]
   images = tf.random.stateless_uniform([config.batch_size, *shape], seed=[seed, 1])
-  labels = tf.random.stateless_uniform([config.batch_size], seed=[seed, 2], maxval=NUM_CLASSES,
-                                       dtype=tf.int32)
+  labels = tf.random.stateless_uniform(
+    [config.batch_size], seed=[seed, 2], maxval=NUM_CLASSES, dtype=tf.int32
+  )
   return images, labels
 
 
@@ -177,16 +190,25 @@ def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
       raise FloatingPointError(f'non-finite loss at step {int(bad)} of the benchmark')
     return sums
 
-  seconds, cpu_seconds, warm = _median_seconds(call, reps, min_rep_s, warmup,
-                                               config.steps_per_call)
+  seconds, cpu_seconds, warm = _median_seconds(call, reps, min_rep_s, warmup, config.steps_per_call)
   return dict(
-      case='train_step', model=config.model, method=config.method, batch=config.batch_size,
-      replicas=strategy.num_replicas_in_sync, pgd_steps=config.pgd.steps,
-      jit=config.jit_compile, mixed_precision=config.mixed_precision,
-      steps_per_call=config.steps_per_call, warmup_s=round(warm, 2),
-      median_step_ms=round(seconds * 1e3, 1), clean_img_per_s=round(config.batch_size / seconds, 2),
-      cpu_ms_per_step=round(cpu_seconds * 1e3, 1),
-      steps_run=int(optimizer.iterations.numpy()), peak_rss_mb=peak_rss_mb(), **_environment())
+    case='train_step',
+    model=config.model,
+    method=config.method,
+    batch=config.batch_size,
+    replicas=strategy.num_replicas_in_sync,
+    pgd_steps=config.pgd.steps,
+    jit=config.jit_compile,
+    mixed_precision=config.mixed_precision,
+    steps_per_call=config.steps_per_call,
+    warmup_s=round(warm, 2),
+    median_step_ms=round(seconds * 1e3, 1),
+    clean_img_per_s=round(config.batch_size / seconds, 2),
+    cpu_ms_per_step=round(cpu_seconds * 1e3, 1),
+    steps_run=int(optimizer.iterations.numpy()),
+    peak_rss_mb=peak_rss_mb(),
+    **_environment(),
+  )
 
 
 def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=True):
@@ -210,9 +232,19 @@ def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=
   jit = config.jit_compile
 
   def attack_fn(logits_fn, eps, step_size, steps):
-    return tf.function(lambda x: attacks.pgd(
-        logits_fn, x, objective, eps=eps, step_size=step_size, steps=steps, seed=seed,
-        random_start=True)[1], jit_compile=jit)
+    return tf.function(
+      lambda x: attacks.pgd(
+        logits_fn,
+        x,
+        objective,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        seed=seed,
+        random_start=True,
+      )[1],
+      jit_compile=jit,
+    )
 
   @tf.function(jit_compile=jit)
   def forward_and_input_gradient(x):
@@ -228,19 +260,27 @@ def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=
     return _median_seconds(lambda: fn(x0).numpy(), reps, min_rep_s, warmup)[0]
 
   pass_s = seconds(forward_and_input_gradient)
-  result = dict(case='attack', model=config.model, batch=config.batch_size, jit=jit,
-                mixed_precision=config.mixed_precision, fwd_grad_ms=round(pass_s * 1e3, 2))
-  attacks_to_time = (('train', config.pgd.eps, config.pgd.step_size, config.pgd.steps),
-                     ('eval', config.eval.adv_noise_eps, config.eval.adv_noise_step_size,
-                      eval_steps))
+  result = dict(
+    case='attack',
+    model=config.model,
+    batch=config.batch_size,
+    jit=jit,
+    mixed_precision=config.mixed_precision,
+    fwd_grad_ms=round(pass_s * 1e3, 2),
+  )
+  attacks_to_time = (
+    ('train', config.pgd.eps, config.pgd.step_size, config.pgd.steps),
+    ('eval', config.eval.adv_noise_eps, config.eval.adv_noise_step_size, eval_steps),
+  )
   for name, eps, step_size, n in attacks_to_time:
     if n <= 0:
       continue
     logits_fn = fns[name]
     # The passes as PGD runs them (attacks.objective_and_input_gradient, CPU fast paths).
     grad_pass = tf.function(
-        lambda x, f=logits_fn: attacks.objective_and_input_gradient(f, objective)(x, None)[1],
-        jit_compile=jit)
+      lambda x, f=logits_fn: attacks.objective_and_input_gradient(f, objective)(x, None)[1],
+      jit_compile=jit,
+    )
     forward = tf.function(lambda x, f=logits_fn: objective(f(x), None), jit_compile=jit)
     grad_s, fwd_s = seconds(grad_pass), seconds(forward)
     attack_s = seconds(attack_fn(logits_fn, eps, step_size, n), one_call_is_long=True)
@@ -273,21 +313,40 @@ def time_table2(model, x0, reps):
   search = scaling.make_alpha_search(forward)
   fwd_s = _median_seconds(lambda: forward(x0).numpy(), reps, 1.0, 2)[0]
   search_s = _median_seconds(lambda: search(x0)[0].numpy(), reps, 0.0, 1)[0]
-  return dict(table2_forwards=num_forwards, table2_fwd_ms=round(fwd_s * 1e3, 2),
-              table2_search_ms=round(search_s * 1e3, 1),
-              table2_over_passes=round(search_s / (num_forwards * fwd_s), 3))
+  return dict(
+    table2_forwards=num_forwards,
+    table2_fwd_ms=round(fwd_s * 1e3, 2),
+    table2_search_ms=round(search_s * 1e3, 1),
+    table2_over_passes=round(search_s / (num_forwards * fwd_s), 3),
+  )
 
 
-def run(models, methods, *, batch, pgd_steps, eval_pgd_steps=200, jit=False, mixed_precision='',
-        steps_per_call=1, replicas=1, reps=5, min_rep_s=1.0, warmup=2, attack=True, table2=True,
-        emit=print):
+def run(
+  models,
+  methods,
+  *,
+  batch,
+  pgd_steps,
+  eval_pgd_steps=200,
+  jit=False,
+  mixed_precision='',
+  steps_per_call=1,
+  replicas=1,
+  reps=5,
+  min_rep_s=1.0,
+  warmup=2,
+  attack=True,
+  table2=True,
+  emit=print,
+):
   """Runs every model x method case (and the attack lines); `emit`s and returns the dicts."""
   strategy = create_strategy(replicas)
   results = []
   for model in models:
     for method in methods:
-      config = benchmark_config(model, method, batch, pgd_steps, jit, mixed_precision,
-                                steps_per_call)
+      config = benchmark_config(
+        model, method, batch, pgd_steps, jit, mixed_precision, steps_per_call
+      )
       results.append(time_train_step(config, strategy, reps, min_rep_s, warmup))
       emit(json.dumps(results[-1]))
     if attack:
@@ -301,11 +360,22 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   setup_devices(_REPLICAS.value, _INTRA.value, _INTER.value)
-  run(_MODEL.value, _METHOD.value, batch=_BATCH.value, pgd_steps=_PGD_STEPS.value,
-      eval_pgd_steps=_EVAL_PGD_STEPS.value, jit=_JIT.value, mixed_precision=_MIXED.value,
-      steps_per_call=_STEPS_PER_CALL.value, replicas=_REPLICAS.value, reps=_REPS.value,
-      min_rep_s=_MIN_REP_S.value, warmup=_WARMUP.value, attack=_ATTACK.value,
-      table2=_TABLE2.value)
+  run(
+    _MODEL.value,
+    _METHOD.value,
+    batch=_BATCH.value,
+    pgd_steps=_PGD_STEPS.value,
+    eval_pgd_steps=_EVAL_PGD_STEPS.value,
+    jit=_JIT.value,
+    mixed_precision=_MIXED.value,
+    steps_per_call=_STEPS_PER_CALL.value,
+    replicas=_REPLICAS.value,
+    reps=_REPS.value,
+    min_rep_s=_MIN_REP_S.value,
+    warmup=_WARMUP.value,
+    attack=_ATTACK.value,
+    table2=_TABLE2.value,
+  )
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ and not sent (`python -m acet_tf.export ... --demo_request=FILE` writes such a f
 {"b64": ...} form, to the serving_image_bytes signature, which decodes and resizes them.
 Exits with status 1 and the server's error message if the request fails.
 """
+
 import argparse
 import base64
 import json
@@ -49,8 +50,10 @@ def uniform_noise_request(num_images, shape, seed):
   """{"instances": num_images images of `shape` [H, W, C], uniform in [0, 1]} and descriptions."""
   rng = random.Random(seed)
   h, w, c = shape
-  images = [[[[rng.random() for _ in range(c)] for _ in range(w)] for _ in range(h)]
-            for _ in range(num_images)]
+  images = [
+    [[[rng.random() for _ in range(c)] for _ in range(w)] for _ in range(h)]
+    for _ in range(num_images)
+  ]
   return {'instances': images}, [f'uniform noise {i}' for i in range(num_images)]
 
 
@@ -60,8 +63,10 @@ def image_request(paths):
   for path in paths:
     with open(path, 'rb') as f:
       instances.append({'b64': base64.b64encode(f.read()).decode('ascii')})
-  return ({'signature_name': 'serving_image_bytes', 'instances': instances},
-          [os.path.basename(p) for p in paths])
+  return (
+    {'signature_name': 'serving_image_bytes', 'instances': instances},
+    [os.path.basename(p) for p in paths],
+  )
 
 
 def rows_of(reply):
@@ -99,8 +104,9 @@ def main(argv=None):
         parser.error('--uniform_noise must be >= 1')
       if 'input' not in acet:
         parser.error('the server gives no input shape in its metadata; use --request')
-      body, descriptions = uniform_noise_request(args.uniform_noise, acet['input']['shape'],
-                                                 args.seed)
+      body, descriptions = uniform_noise_request(
+        args.uniform_noise, acet['input']['shape'], args.seed
+      )
     if args.signature:
       body['signature_name'] = args.signature
     rows = rows_of(call(f'{base}:predict', body))

@@ -5,14 +5,16 @@
       --out=/tmp/adversarial_noise.png
 
 The noise comes from the test set exactly as in evaluation (evaluation.noise_batches: half permuted
-test images, half uniform, low-passed and rescaled); the attack is evaluation.attack_batches with the
+test images, half uniform, low-passed and rescaled); the attack is evaluation.attack_batches with
+the
 max log-confidence objective, eps 0.3 and 40 steps of 0.0075 as in the paper's figure. The top row
 shows the noise with every model's prediction under it; then one row per model with the
 adversarial noise found against that model and its prediction (one model: the paper's Figure 2;
 plain, CEDA and ACET: Figure 3).
 """
-import os
+
 import dataclasses
+import os
 
 from absl import app
 from absl import flags
@@ -26,9 +28,11 @@ from acet_tf import evaluation
 from acet_tf import input_pipeline
 from acet_tf import runs
 
+
 @dataclasses.dataclass
 class ModelRow:
   """One model's part of the figure; arrays over the figure's N columns."""
+
   method: str  # 'plain', 'ceda' or 'acet' (the run's config.method).
   label: str  # e.g. 'acet (m5k_acet, step 248)'.
   noise: evaluation.Predictions  # The model's predictions on the shared noise images.
@@ -42,9 +46,14 @@ def noise_images(config, num_images):
   Returns:
     (noise float32 [N, H, W, C] in [0, 1], labels int32 [N] of the source test images).
   """
-  test = input_pipeline.eval_dataset(config.dataset, 'test', num_images,
-                                     data_dir=config.data_dir or None, max_examples=num_images,
-                                     options=input_pipeline.options_from_config(config))
+  test = input_pipeline.eval_dataset(
+    config.dataset,
+    'test',
+    num_images,
+    data_dir=config.data_dir or None,
+    max_examples=num_images,
+    options=input_pipeline.options_from_config(config),
+  )
   seed = evaluation.eval_seed(config.seed, evaluation.NOISE_STREAM)
   noise, labels = next(iter(evaluation.noise_batches(test, seed, config.noise)))
   return noise, labels
@@ -65,12 +74,25 @@ def model_row(model, method, label, noise, labels, *, eps, step_size, steps, see
   """
   predict = evaluation.make_predict_fn(model)
   batch = [(noise, labels)]
-  adversarial = list(evaluation.attack_batches(
-      model, batch, attacks.max_log_confidence_objective, eps=eps, step_size=step_size,
-      steps=steps, seed=seed, name=f'adversarial noise, {label}'))
-  return ModelRow(method=method, label=label, noise=evaluation.predict_batches(predict, batch),
-                  adversarial=adversarial[0][0].numpy(),
-                  adversarial_pred=evaluation.predict_batches(predict, adversarial))
+  adversarial = list(
+    evaluation.attack_batches(
+      model,
+      batch,
+      attacks.max_log_confidence_objective,
+      eps=eps,
+      step_size=step_size,
+      steps=steps,
+      seed=seed,
+      name=f'adversarial noise, {label}',
+    )
+  )
+  return ModelRow(
+    method=method,
+    label=label,
+    noise=evaluation.predict_batches(predict, batch),
+    adversarial=adversarial[0][0].numpy(),
+    adversarial_pred=evaluation.predict_batches(predict, adversarial),
+  )
 
 
 def _caption(class_names, predicted, confidence):
@@ -100,21 +122,30 @@ def render(noise, rows, class_names, path, title='', dpi=80):
   """
   n = noise.shape[0]
   # Room for the noise row's captions: one line per model.
-  fig = Figure(figsize=(1.25 * n + 1.4, 0.6 + 0.13 * len(rows) + 1.55 * (1 + len(rows))),
-               layout='constrained')
+  fig = Figure(
+    figsize=(1.25 * n + 1.4, 0.6 + 0.13 * len(rows) + 1.55 * (1 + len(rows))), layout='constrained'
+  )
   axes = fig.subplots(1 + len(rows), n, squeeze=False)
   for i in range(n):
     _show(axes[0, i], noise[i])
-    axes[0, i].set_xlabel('\n'.join(
-        (f'{r.method} ' if len(rows) > 1 else '') +
-        _caption(class_names, r.noise.predicted[i], r.noise.confidence[i]) for r in rows),
-                          fontsize=7)
+    axes[0, i].set_xlabel(
+      '\n'.join(
+        (f'{r.method} ' if len(rows) > 1 else '')
+        + _caption(class_names, r.noise.predicted[i], r.noise.confidence[i])
+        for r in rows
+      ),
+      fontsize=7,
+    )
   axes[0, 0].set_ylabel('noise', fontsize=8)
   for r, row in enumerate(rows, start=1):
     for i in range(n):
       _show(axes[r, i], row.adversarial[i])
-      axes[r, i].set_xlabel(_caption(class_names, row.adversarial_pred.predicted[i],
-                                     row.adversarial_pred.confidence[i]), fontsize=7)
+      axes[r, i].set_xlabel(
+        _caption(
+          class_names, row.adversarial_pred.predicted[i], row.adversarial_pred.confidence[i]
+        ),
+        fontsize=7,
+      )
     axes[r, 0].set_ylabel(f'{row.method}\nadv. noise', fontsize=8)
   if title:
     fig.suptitle(title, fontsize=8)
@@ -150,31 +181,45 @@ def make_figure(workdirs, out, *, num_images=8, eps=0.3, step_size=0.0075, steps
       first = (config.dataset, info)
       noise, labels = noise_images(config, num_images)
     elif (config.dataset, info.image_shape) != (first[0], first[1].image_shape):
-      raise ValueError(f'{workdir} was trained on {config.dataset} {info.image_shape}, but '
-                       f'{workdirs[0]} on {first[0]} {first[1].image_shape}: one dataset per figure.')
+      raise ValueError(
+        f'{workdir} was trained on {config.dataset} {info.image_shape}, but '
+        f'{workdirs[0]} on {first[0]} {first[1].image_shape}: one dataset per figure.'
+      )
     label = f'{config.method} ({os.path.basename(os.path.normpath(workdir))}, step {step})'
-    rows.append(model_row(
-        model, config.method, label, noise, labels, eps=eps, step_size=step_size, steps=steps,
-        seed=evaluation.eval_seed(config.seed, evaluation.ADV_NOISE_STREAM)))
+    rows.append(
+      model_row(
+        model,
+        config.method,
+        label,
+        noise,
+        labels,
+        eps=eps,
+        step_size=step_size,
+        steps=steps,
+        seed=evaluation.eval_seed(config.seed, evaluation.ADV_NOISE_STREAM),
+      )
+    )
   tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(out)))
-  title = (f'{first[0]}: noise from the test set; adversarial noise = PGD on max confidence, '
-           f'eps {eps:g}, {steps} steps of {step_size:g}')
+  title = (
+    f'{first[0]}: noise from the test set; adversarial noise = PGD on max confidence, '
+    f'eps {eps:g}, {steps} steps of {step_size:g}'
+  )
   render(noise.numpy(), rows, first[1].class_names, out, title)
-  summary = {r.label: {'noise_mmc': float(r.noise.confidence.mean()),
-                       'adv_noise_mmc': float(r.adversarial_pred.confidence.mean())}
-             for r in rows}
+  summary = {
+    r.label: {
+      'noise_mmc': float(r.noise.confidence.mean()),
+      'adv_noise_mmc': float(r.adversarial_pred.confidence.mean()),
+    }
+    for r in rows
+  }
   logging.info('Wrote %s: %s', out, summary)
   return {'path': out, 'noise': noise.numpy(), 'rows': rows, 'summary': summary}
 
 
 def define_flags():
-  """The binary's flags; defined only when run as a binary, so importing this module is free.
-
-  --workdir takes one or more comma-separated training workdirs, one figure row each. Importing
-  acet_tf.train may already define it (a second definition is an error), so it is reused then.
-  """
-  if 'workdir' not in flags.FLAGS:
-    flags.DEFINE_string('workdir', None, 'Training workdir(s), comma-separated; one row each.')
+  """The binary's flags, defined when it runs (tests import this module beside acet_tf.evaluate,
+  which has a --workdir of its own). --workdir takes one or more comma-separated workdirs."""
+  flags.DEFINE_string('workdir', None, 'Training workdir(s), comma-separated; one row each.')
   flags.DEFINE_string('out', '', 'PNG path; default <first workdir>/adversarial_noise.png.')
   flags.DEFINE_integer('num_images', 8, 'Noise images (columns).')
   flags.DEFINE_float('eps', 0.3, 'L-inf radius of the attack (the paper: 0.3).')
@@ -190,12 +235,15 @@ def main(argv):
   if not workdirs:
     raise app.UsageError('--workdir is required (one or more, comma-separated).')
   out = f.out or os.path.join(workdirs[0], 'adversarial_noise.png')
-  result = make_figure(workdirs, out, num_images=f.num_images, eps=f.eps,
-                       step_size=f.step_size, steps=f.steps)
+  result = make_figure(
+    workdirs, out, num_images=f.num_images, eps=f.eps, step_size=f.step_size, steps=f.steps
+  )
   print(result['path'])
   for label, numbers in result['summary'].items():
-    print(f'{label}: mean confidence on noise {numbers["noise_mmc"]:.3f}, '
-          f'on adversarial noise {numbers["adv_noise_mmc"]:.3f}')
+    print(
+      f'{label}: mean confidence on noise {numbers["noise_mmc"]:.3f}, '
+      f'on adversarial noise {numbers["adv_noise_mmc"]:.3f}'
+    )
 
 
 if __name__ == '__main__':

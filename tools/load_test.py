@@ -13,6 +13,7 @@ and, in this process, the SavedModel's serving_default at batch 1 and 64 and ser
 requests in the round. Prints one JSON line per measurement, then a Markdown table of the medians
 and spreads over rounds.
 """
+
 import argparse
 import base64
 import http.client
@@ -36,9 +37,21 @@ def start_server(export_dir, log_path, flags):
   """acet_tf.serve on 127.0.0.1, port 0. Returns (process, port)."""
   log = open(log_path, 'w')  # pylint: disable=consider-using-with  (closed with the process)
   proc = subprocess.Popen(
-      [sys.executable, '-m', 'acet_tf.serve', f'--export_dir={export_dir}',
-       f'--model_name={NAME}', '--host=127.0.0.1', '--port=0', '--file_system_poll_wait_seconds=0',
-       *flags], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    [
+      sys.executable,
+      '-m',
+      'acet_tf.serve',
+      f'--export_dir={export_dir}',
+      f'--model_name={NAME}',
+      '--host=127.0.0.1',
+      '--port=0',
+      '--file_system_poll_wait_seconds=0',
+      *flags,
+    ],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=log,
+  )
   deadline = time.monotonic() + 300
   while time.monotonic() < deadline and proc.poll() is None:
     match = re.search(r'at http://127\.0\.0\.1:(\d+)', open(log_path).read())
@@ -92,8 +105,12 @@ def run_clients(port, body, clients, seconds, max_requests):
     t.start()
   for t in threads:
     t.join()
-  return {'requests': len(latencies), 'errors': errors, 'seconds': time.perf_counter() - start,
-          'latencies': sorted(latencies)}
+  return {
+    'requests': len(latencies),
+    'errors': errors,
+    'seconds': time.perf_counter() - start,
+    'latencies': sorted(latencies),
+  }
 
 
 def summary(result, batch):
@@ -101,18 +118,27 @@ def summary(result, batch):
   n = len(lat)
   pct = lambda q: lat[min(n - 1, int(q * n))] * 1e3 if n else float('nan')
   rps = n / result['seconds']
-  return {'req_s': rps, 'img_s': rps * batch, 'p50_ms': pct(0.5), 'p99_ms': pct(0.99),
-          'requests': n, 'errors': len(result['errors']),
-          'first_errors': result['errors'][:3]}
+  return {
+    'req_s': rps,
+    'img_s': rps * batch,
+    'p50_ms': pct(0.5),
+    'p99_ms': pct(0.99),
+    'requests': n,
+    'errors': len(result['errors']),
+    'first_errors': result['errors'][:3],
+  }
 
 
 def in_process(export_path, floats1, floats64, pngs64, seconds):
   """Calls/s of the loaded SavedModel's signatures, the server's model without HTTP."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   saved = tf.saved_model.load(export_path)
-  cases = {'b1': ('serving_default', {'images': tf.constant(floats1)}, 1),
-           'b64': ('serving_default', {'images': tf.constant(floats64)}, 64),
-           'b64png': ('serving_image_bytes', {'image_bytes': tf.constant(pngs64)}, 64)}
+  cases = {
+    'b1': ('serving_default', {'images': tf.constant(floats1)}, 1),
+    'b64': ('serving_default', {'images': tf.constant(floats64)}, 64),
+    'b64png': ('serving_image_bytes', {'image_bytes': tf.constant(pngs64)}, 64),
+  }
   out = {}
   for case, (sig, kwargs, batch) in cases.items():
     fn = saved.signatures[sig]
@@ -135,9 +161,11 @@ def main(argv=None):
   parser.add_argument('--clients_b1', type=int, default=16)
   parser.add_argument('--clients_b64', type=int, default=8)
   parser.add_argument('--cases', default='b1,b64,b64png')
-  parser.add_argument('--batching_flags', default='--batching_max_batch_size=64,'
-                      '--batching_timeout_micros=2000,--batching_num_threads=2',
-                      help='Comma-separated flags of the batching server.')
+  parser.add_argument(
+    '--batching_flags',
+    default='--batching_max_batch_size=64,--batching_timeout_micros=2000,--batching_num_threads=2',
+    help='Comma-separated flags of the batching server.',
+  )
   args = parser.parse_args(argv)
   if not 0 < args.seconds <= 120 or not 1 <= args.rounds <= 10:
     parser.error('--seconds must be in (0, 120] and --rounds in [1, 10]: the test is bounded.')
@@ -148,14 +176,22 @@ def main(argv=None):
 
   from acet_tf import input_pipeline  # pylint: disable=g-import-not-at-top
   from acet_tf import serving_layout  # pylint: disable=g-import-not-at-top
+
   images, _ = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', 64, max_examples=64)))
   images = images.numpy()
   pngs = [tf.io.encode_png(np.round(x * 255).astype(np.uint8)).numpy() for x in images]
   bodies = {
-      'b1': (json.dumps({'instances': images[:1].tolist()}).encode(), 1),
-      'b64': (json.dumps({'instances': images.tolist()}).encode(), 64),
-      'b64png': (json.dumps({'signature_name': 'serving_image_bytes', 'instances': [
-          {'b64': base64.b64encode(p).decode()} for p in pngs]}).encode(), 64),
+    'b1': (json.dumps({'instances': images[:1].tolist()}).encode(), 1),
+    'b64': (json.dumps({'instances': images.tolist()}).encode(), 64),
+    'b64png': (
+      json.dumps(
+        {
+          'signature_name': 'serving_image_bytes',
+          'instances': [{'b64': base64.b64encode(p).decode()} for p in pngs],
+        }
+      ).encode(),
+      64,
+    ),
   }
   version = serving_layout.complete_versions(args.export_dir)[-1]
 
@@ -163,8 +199,11 @@ def main(argv=None):
   servers = {}
   try:
     servers['off'] = start_server(args.export_dir, os.path.join(tmp, 'off.log'), [])
-    servers['on'] = start_server(args.export_dir, os.path.join(tmp, 'on.log'),
-                                 ['--enable_batching', *args.batching_flags.split(',')])
+    servers['on'] = start_server(
+      args.export_dir,
+      os.path.join(tmp, 'on.log'),
+      ['--enable_batching', *args.batching_flags.split(',')],
+    )
     rows = {}
     for r in range(args.rounds):
       for case in cases:
@@ -172,13 +211,19 @@ def main(argv=None):
         clients = args.clients_b1 if case == 'b1' else args.clients_b64
         order = ['off', 'on'] if r % 2 == 0 else ['on', 'off']
         for mode in order:
-          s = summary(run_clients(servers[mode][1], body, clients, args.seconds,
-                                  args.max_requests), batch)
+          s = summary(
+            run_clients(servers[mode][1], body, clients, args.seconds, args.max_requests), batch
+          )
           s.update(case=case, batching=mode, clients=clients, round=r)
           print(json.dumps(s), flush=True)
           rows.setdefault((case, mode), []).append(s)
-      inproc = in_process(os.path.join(args.export_dir, str(version)), images[:1], images,
-                          pngs, min(args.seconds, 5.0))
+      inproc = in_process(
+        os.path.join(args.export_dir, str(version)),
+        images[:1],
+        images,
+        pngs,
+        min(args.seconds, 5.0),
+      )
       for case, s in inproc.items():
         s.update(case=case, batching='in-process', round=r)
         print(json.dumps(s), flush=True)
@@ -198,14 +243,18 @@ def main(argv=None):
   print('|---|---|---|---|---|---|---|---|')
   for (case, mode), ss in rows.items():
     if mode == 'in-process':
-      print(f'| {case} | in-process signature | 1 | {cell([s["calls_s"] for s in ss], "{:.0f}")} '
-            f'| {cell([s["img_s"] for s in ss], "{:.0f}")} | | | |')
+      print(
+        f'| {case} | in-process signature | 1 | {cell([s["calls_s"] for s in ss], "{:.0f}")} '
+        f'| {cell([s["img_s"] for s in ss], "{:.0f}")} | | | |'
+      )
     else:
-      print(f'| {case} | batching {mode} | {ss[0]["clients"]} | '
-            f'{cell([s["req_s"] for s in ss], "{:.0f}")} | '
-            f'{cell([s["img_s"] for s in ss], "{:.0f}")} | '
-            f'{cell([s["p50_ms"] for s in ss], "{:.1f}")} | '
-            f'{cell([s["p99_ms"] for s in ss], "{:.1f}")} | {sum(s["errors"] for s in ss)} |')
+      print(
+        f'| {case} | batching {mode} | {ss[0]["clients"]} | '
+        f'{cell([s["req_s"] for s in ss], "{:.0f}")} | '
+        f'{cell([s["img_s"] for s in ss], "{:.0f}")} | '
+        f'{cell([s["p50_ms"] for s in ss], "{:.1f}")} | '
+        f'{cell([s["p99_ms"] for s in ss], "{:.1f}")} | {sum(s["errors"] for s in ss)} |'
+      )
   return 0
 
 

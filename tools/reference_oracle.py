@@ -1,108 +1,30 @@
-"""The authors' own TF 1 graph (model-100.meta) as an oracle for imported models.
+"""Table 2 for the authors' own TF 1 graph, on the uniform draws and with the search acet_tf uses.
 
   python -m tools.reference_oracle --checkpoint=../shared/reference_models/cifar10_acet/model-100 \
       --table2_examples=1000 [--seed=0]
 
-prints Table 2 for the authors' graph, with acet_tf's own search (scaling.table2, the graph run
-through tf.py_function) on the uniform draws acet_tf.evaluate uses (seed = the run's config.seed,
-0 for every imported run): the two numbers can differ only by float rounding in the logits. The graph is run as /work/shared/reference_models/README.md describes: the `.meta`
-without its `_output_shapes` attributes, imported with `input_map` on the network's input
-`tower_0/cond_2/Merge:0` (the output of the graph's own noise/PGD switch), restored with its saver.
-Test and tool code only: the library never needs TF 1 graphs.
+Prints one JSON line. The graph and the search are tools/tf1_reference_graph.py.
 """
+
 import json
 import time
 
 from absl import app
 from absl import flags
-import numpy as np
-import tensorflow as tf
 
-NETWORK_INPUT = 'tower_0/cond_2/Merge:0'
-LOGITS = 'tower_0/logit/fc/xw_plus_b:0'
+from tools import tf1_reference_graph
 
-
-class ReferenceGraph:
-  """The authors' network from `<checkpoint>.meta` with the weights of `<checkpoint>`.
-
-  `logits(images)`: float32 [B, H, W, C] in [0, 1] (any B; values outside [0, 1] are fine too)
-  -> float32 [B, K], batch norm in inference mode.
-  """
-
-  def __init__(self, checkpoint):
-    meta = tf.compat.v1.MetaGraphDef()
-    with tf.io.gfile.GFile(checkpoint + '.meta', 'rb') as f:
-      meta.ParseFromString(f.read())
-    for node in meta.graph_def.node:
-      # TF 2 rejects the TF 1.10 shapes recorded here ("inconsistent with the GraphDef").
-      if '_output_shapes' in node.attr:
-        del node.attr['_output_shapes']
-    self.graph = tf.Graph()
-    with self.graph.as_default():
-      self.images = tf.compat.v1.placeholder(tf.float32, [None, None, None, None], 'oracle_images')
-      saver = tf.compat.v1.train.import_meta_graph(
-          meta, clear_devices=True, input_map={NETWORK_INPUT: self.images})
-      self.session = tf.compat.v1.Session(graph=self.graph)
-      saver.restore(self.session, checkpoint)
-      self.logits_tensor = self.graph.get_tensor_by_name(LOGITS)
-      shape = self.graph.get_tensor_by_name('Placeholder:0').shape
-    # The graph still wants its own inputs fed, though the network no longer reads them.
-    self._dummy = {
-        'Placeholder:0': np.zeros([1, *[int(d) for d in shape[1:]]], np.float32),
-        'Placeholder_1:0': np.zeros([1], np.int32), 'is_training:0': False}
-    for name, value in (('at_flag:0', False), ('rub_flag:0', False), ('adv_flag:0', False),
-                        ('max_conf_flag:0', False), ('at_frac:0', 0.0)):
-      try:
-        self.graph.get_tensor_by_name(name)
-        self._dummy[name] = value
-      except KeyError:
-        pass
-    self.image_shape = tuple(int(d) for d in shape[1:])
-
-  def logits(self, images):
-    feed = dict(self._dummy)
-    feed[self.images] = np.asarray(images, np.float32)
-    return self.session.run(self.logits_tensor, feed)
-
-  def predict_fn(self):
-    """images float32 [B, H, W, C] -> softmax float32 [B, K], usable inside a tf.function (the
-    session runs through tf.py_function), so acet_tf.scaling's own search can drive the graph."""
-    k = int(self.logits_tensor.shape[-1])
-
-    def predict(images):
-      logits = tf.py_function(lambda x: self.logits(x.numpy()), [images], tf.float32)
-      return tf.nn.softmax(tf.ensure_shape(logits, [None, k]))
-
-    return predict
-
-  def close(self):
-    self.session.close()
-
-
-def oracle_table2(checkpoint, *, num_examples, seed=0, batch_size=500):
-  """scaling.table2's summary for the authors' graph on acet_tf.evaluate's draws and search."""
-  from acet_tf import evaluation  # pylint: disable=g-import-not-at-top
-  from acet_tf import scaling  # pylint: disable=g-import-not-at-top
-  graph = ReferenceGraph(checkpoint)
-  try:
-    summary, _, _ = scaling.table2(
-        graph.predict_fn(), graph.image_shape,
-        seed=evaluation.eval_seed(seed, scaling.TABLE2_STREAM), num_examples=num_examples,
-        batch_size=batch_size)
-  finally:
-    graph.close()
-  return summary
-
-
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'The authors\' checkpoint prefix.')
+_CHECKPOINT = flags.DEFINE_string('checkpoint', None, "The authors' checkpoint prefix.")
 _EXAMPLES = flags.DEFINE_integer('table2_examples', 1000, 'Uniform draws.')
-_SEED = flags.DEFINE_integer('seed', 0, 'The run\'s config.seed (0 for imported runs).')
+_SEED = flags.DEFINE_integer('seed', 0, "The run's config.seed (0 for imported runs).")
 
 
 def main(argv):
   del argv
   start = time.time()
-  summary = oracle_table2(_CHECKPOINT.value, num_examples=_EXAMPLES.value, seed=_SEED.value)
+  summary = tf1_reference_graph.oracle_table2(
+    _CHECKPOINT.value, num_examples=_EXAMPLES.value, seed=_SEED.value
+  )
   print(json.dumps(dict(summary, checkpoint=_CHECKPOINT.value, seconds=time.time() - start)))
 
 

@@ -6,6 +6,7 @@ Columns: adversarial-noise MMC under the paper's attack and under the worst case
 the attacked photo-patch AUROC (worst case), the guaranteed AUROC of adversarial noise and of the
 photo patches, and the wall time of the whole evaluation.
 """
+
 import json
 import sys
 
@@ -25,22 +26,32 @@ def _f(x):
 def row(name, results):
   paper = _get(results, 'out_sets', 'adv_noise', 'mmc')
   worst = _get(results, 'attacked', 'adv_noise', 'worst_case', 'mmc')
-  uniform = max((v['mmc'] for k, v in (_get(results, 'attacked', 'adv_noise', 'attacks') or {})
-                 .items() if k.endswith('@uniform')), default=None)
+  uniform = max(
+    (
+      v['mmc']
+      for k, v in (_get(results, 'attacked', 'adv_noise', 'attacks') or {}).items()
+      if k.endswith('@uniform')
+    ),
+    default=None,
+  )
   gap = None if paper is None or worst is None else worst - paper
   n = _get(results, 'attacked', 'adv_noise', 'worst_case', 'num_examples')
-  return (f"| {name} | {n} | {_f(paper)} | {_f(worst)} | {_f(gap)} | {_f(uniform)} | "
-          f"{_f(_get(results, 'out_sets', 'photos', 'auroc'))} | "
-          f"{_f(_get(results, 'attacked', 'photos', 'worst_case', 'auroc'))} | "
-          f"{_f(_get(results, 'attacked', 'adv_noise', 'guaranteed_auroc'))} | "
-          f"{_f(_get(results, 'attacked', 'photos', 'guaranteed_auroc'))} | "
-          f"{results['timing']['total'] / 60:.1f} min |")
+  return (
+    f'| {name} | {n} | {_f(paper)} | {_f(worst)} | {_f(gap)} | {_f(uniform)} | '
+    f'{_f(_get(results, "out_sets", "photos", "auroc"))} | '
+    f'{_f(_get(results, "attacked", "photos", "worst_case", "auroc"))} | '
+    f'{_f(_get(results, "attacked", "adv_noise", "guaranteed_auroc"))} | '
+    f'{_f(_get(results, "attacked", "photos", "guaranteed_auroc"))} | '
+    f'{results["timing"]["total"] / 60:.1f} min |'
+  )
 
 
 def main(argv):
-  print('| model | N | adv. noise MMC, paper attack | worst case | gap | best attack from uniform '
-        '| photos AUROC clean | photos AUROC attacked | guaranteed AUROC adv. noise | guaranteed '
-        'AUROC photos | wall time |')
+  print(
+    '| model | N | adv. noise MMC, paper attack | worst case | gap | best attack from uniform '
+    '| photos AUROC clean | photos AUROC attacked | guaranteed AUROC adv. noise | guaranteed '
+    'AUROC photos | wall time |'
+  )
   print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
   for arg in argv:
     name, _, path = arg.partition('=')

@@ -11,6 +11,7 @@ of acet_tf's Table 2 search (scaling.table2, seed as acet_tf.evaluate):
   alpha_2          clip(2 x_i, 0, 1);
   per_draw_unclipped  alpha_i x_i unclipped (100% by construction at 99.9%: a sanity check).
 """
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -34,16 +35,23 @@ def readings(model, image_shape, draws, seed=0, threshold=0.95):
   median = float(np.median(alphas))
 
   def share(images):
-    conf = np.concatenate([predict(tf.constant(b)).numpy().max(axis=1)
-                           for b in np.array_split(images, max(1, len(images) // 250))])
+    conf = np.concatenate(
+      [
+        predict(tf.constant(b)).numpy().max(axis=1)
+        for b in np.array_split(images, max(1, len(images) // 250))
+      ]
+    )
     return float(np.mean(conf > threshold))
 
   a = finite.reshape(-1, 1, 1, 1)
-  return {'median_alpha': median,
-          'per_draw_alpha': share(np.clip(a * x, 0, 1)),
-          'median_alpha_clipped': share(np.clip(median * x, 0, 1)),
-          'alpha_1': share(x), 'alpha_2': share(np.clip(2 * x, 0, 1)),
-          'per_draw_unclipped': share(a * x)}
+  return {
+    'median_alpha': median,
+    'per_draw_alpha': share(np.clip(a * x, 0, 1)),
+    'median_alpha_clipped': share(np.clip(median * x, 0, 1)),
+    'alpha_1': share(x),
+    'alpha_2': share(np.clip(2 * x, 0, 1)),
+    'per_draw_unclipped': share(a * x),
+  }
 
 
 def main(argv):

@@ -12,7 +12,9 @@ out-distribution differs: uniform points in the box instead of noise images) and
                        network is affine, bounded near the data and unbounded outside (Figure 1);
   rays.png             max softmax along alpha * x, alpha in [1, 1e4], for a few x in the box.
 """
+
 import os
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -144,11 +146,16 @@ def train(config):
     model = mlp(tuple(config.toy.hidden))
     optimizer = train_step.create_optimizer(config, total)
     optimizer.build(model.trainable_variables)
-  stream = tf.data.Dataset.from_tensor_slices((points, labels)).shuffle(
-      len(labels), seed=config.seed + 1).repeat().batch(config.batch_size, drop_remainder=True)
+  stream = (
+    tf.data.Dataset.from_tensor_slices((points, labels))
+    .shuffle(len(labels), seed=config.seed + 1)
+    .repeat()
+    .batch(config.batch_size, drop_remainder=True)
+  )
   iterator = iter(strategy.experimental_distribute_dataset(stream))
   train_steps = train_step.make_train_function(
-      model, optimizer, config, strategy, noise_fn=uniform_box_noise)
+    model, optimizer, config, strategy, noise_fn=uniform_box_noise
+  )
   done, final = 0, {}
   while done < total:
     num = min(config.steps_per_call, total - done)
@@ -156,12 +163,19 @@ def train(config):
     if int(bad_step) >= 0:
       raise FloatingPointError(f'{config.method}: non-finite loss at step {int(bad_step)}.')
     done += num
-    final = {'loss': float(sums['loss']) / num,
-             'error': float(sums['errors']) / float(sums['count_in'])}
+    final = {
+      'loss': float(sums['loss']) / num,
+      'error': float(sums['errors']) / float(sums['count_in']),
+    }
     if float(sums['count_out']) > 0:
       final['mmc_out'] = float(sums['conf_out']) / float(sums['count_out'])
-  logging.info('%s: %d steps, last %d: %s', config.method, done, num,
-               ', '.join(f'{k} {v:.4f}' for k, v in final.items()))
+  logging.info(
+    '%s: %d steps, last %d: %s',
+    config.method,
+    done,
+    num,
+    ', '.join(f'{k} {v:.4f}' for k, v in final.items()),
+  )
   return model, points, labels, final
 
 
@@ -173,8 +187,12 @@ def train(config):
 def logits_of(model, points, batch_size=16384):
   """points float32 [N, 2] (anywhere in R^2) -> logits float64 [N, K]."""
   points = np.asarray(points, np.float32)
-  return np.concatenate([np.asarray(model(points[i:i + batch_size], training=False), np.float64)
-                         for i in range(0, len(points), batch_size)])
+  return np.concatenate(
+    [
+      np.asarray(model(points[i : i + batch_size], training=False), np.float64)
+      for i in range(0, len(points), batch_size)
+    ]
+  )
 
 
 def confidence_of(model, points):
@@ -198,7 +216,7 @@ def grid(lo, hi, resolution):
 def far_from_data(points, data, margin):
   """bool [N]: points farther than `margin` (Euclidean) from every data point. [N, 2], [M, 2]."""
   d2 = ((points[:, None, :] - data[None, :, :]) ** 2).sum(-1)
-  return d2.min(axis=1) > margin ** 2
+  return d2.min(axis=1) > margin**2
 
 
 def activation_patterns(model, points):
@@ -247,9 +265,9 @@ def summarize(models, data, margin=0.1, resolution=100):
   out = {}
   for method, model in models.items():
     out[method] = {
-        'mmc_box_far': float(confidence_of(model, box[far]).mean()),
-        'mmc_data': float(confidence_of(model, data).mean()),
-        'mmc_far_view': float(confidence_of(model, grid(*FAR, resolution)).mean()),
+      'mmc_box_far': float(confidence_of(model, box[far]).mean()),
+      'mmc_data': float(confidence_of(model, data).mean()),
+      'mmc_far_view': float(confidence_of(model, grid(*FAR, resolution)).mean()),
     }
   if 'plain' in models:
     out['plain_regions_box'] = int(activation_patterns(models['plain'], box).max() + 1)
@@ -262,8 +280,9 @@ def summarize(models, data, margin=0.1, resolution=100):
 
 
 def _scatter(ax, points, labels):
-  ax.scatter(points[:, 0], points[:, 1], c=np.where(labels == 0, 'tab:red', 'tab:blue'), s=3,
-             linewidths=0)
+  ax.scatter(
+    points[:, 0], points[:, 1], c=np.where(labels == 0, 'tab:red', 'tab:blue'), s=3, linewidths=0
+  )
 
 
 def plot_confidence(models, points, labels, path, views, resolution=200):
@@ -273,8 +292,15 @@ def plot_confidence(models, points, labels, path, views, resolution=200):
   for row, (lo, hi) in zip(axes, views):
     for ax, (method, model) in zip(row, models.items()):
       conf = confidence_of(model, grid(lo, hi, resolution)).reshape(resolution, resolution)
-      image = ax.imshow(conf, origin='lower', extent=(lo, hi, lo, hi), cmap='viridis',
-                        vmin=1.0 / model.output_shape[-1], vmax=1.0, interpolation='nearest')
+      image = ax.imshow(
+        conf,
+        origin='lower',
+        extent=(lo, hi, lo, hi),
+        cmap='viridis',
+        vmin=1.0 / model.output_shape[-1],
+        vmax=1.0,
+        interpolation='nearest',
+      )
       if hi - lo > 2 * (BOX[1] - BOX[0]):  # Zoomed out: mark the data box.
         ax.add_patch(_box_patch())
       _scatter(ax, points, labels)
@@ -293,8 +319,10 @@ def _title(method):
 
 def _box_patch():
   from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
-  return Rectangle((BOX[0], BOX[0]), BOX[1] - BOX[0], BOX[1] - BOX[0], fill=False,
-                   edgecolor='white', linewidth=0.8)
+
+  return Rectangle(
+    (BOX[0], BOX[0]), BOX[1] - BOX[0], BOX[1] - BOX[0], fill=False, edgecolor='white', linewidth=0.8
+  )
 
 
 def plot_linear_regions(model, points, labels, path, resolution=300):
@@ -305,8 +333,7 @@ def plot_linear_regions(model, points, labels, path, resolution=300):
   for ax, (lo, hi) in zip(axes, (BOX, FAR)):
     ids = activation_patterns(model, grid(lo, hi, resolution)).reshape(resolution, resolution)
     palette = mpl_colors.ListedColormap(rng.uniform(0.25, 1.0, size=(ids.max() + 1, 3)))
-    ax.imshow(ids, origin='lower', extent=(lo, hi, lo, hi), cmap=palette,
-              interpolation='nearest')
+    ax.imshow(ids, origin='lower', extent=(lo, hi, lo, hi), cmap=palette, interpolation='nearest')
     if lo != BOX[0]:
       ax.add_patch(_box_patch())
     _scatter(ax, points, labels)
@@ -365,27 +392,36 @@ def run(out_dir, options='', methods=common.METHODS):
     config = get_config(','.join(w for w in (method, options) if w))
     models[method], points, labels, trained[method] = train(config)
   files = {
-      'confidence': plot_confidence(models, points, labels,
-                                    os.path.join(out_dir, 'confidence.png'), [BOX]),
-      'confidence_far': plot_confidence(models, points, labels,
-                                        os.path.join(out_dir, 'confidence_far.png'),
-                                        [FAR, FARTHER]),
-      'rays': plot_rays(models, os.path.join(out_dir, 'rays.png')),
+    'confidence': plot_confidence(
+      models, points, labels, os.path.join(out_dir, 'confidence.png'), [BOX]
+    ),
+    'confidence_far': plot_confidence(
+      models, points, labels, os.path.join(out_dir, 'confidence_far.png'), [FAR, FARTHER]
+    ),
+    'rays': plot_rays(models, os.path.join(out_dir, 'rays.png')),
   }
   if 'plain' in models:
     files['linear_regions'] = plot_linear_regions(
-        models['plain'], points, labels, os.path.join(out_dir, 'linear_regions.png'))
+      models['plain'], points, labels, os.path.join(out_dir, 'linear_regions.png')
+    )
   summary = summarize(models, points)
   logging.info('Summary: %s', summary)
-  return {'files': files, 'summary': summary, 'train': trained, 'models': models,
-          'points': points, 'labels': labels}
+  return {
+    'files': files,
+    'summary': summary,
+    'train': trained,
+    'models': models,
+    'points': points,
+    'labels': labels,
+  }
 
 
 def define_flags():
   """The binary's flags; defined only when run as a binary, so importing this module is free."""
   flags.DEFINE_string('out', None, 'Directory for the PNGs (created if missing).')
   flags.DEFINE_string(
-      'options', '', "Extra get_config options for every method, e.g. 'steps=300,seed=1'.")
+    'options', '', "Extra get_config options for every method, e.g. 'steps=300,seed=1'."
+  )
 
 
 def main(argv):

@@ -1,11 +1,13 @@
 """The classifiers, chosen by name from the config (`config.model`).
 
-Every model maps images float32 [B, H, W, C] in [0, 1] to logits float32 [B, K] (no softmax, no input
+Every model maps images float32 [B, H, W, C] in [0, 1] to logits float32 [B, K] (no softmax, no
+input
 normalisation) and uses only ReLU, max/average pooling and (at inference) affine batch norm, so the
 logits are piecewise affine in the input, the setting of the paper's Theorem 3.1. Your own model is
 named 'package.module:factory' (models/factory.py: checked at creation, warned about if it is not
 piecewise affine).
 """
+
 from acet_tf.models import factory
 from acet_tf.models.lenet import lenet
 from acet_tf.models.resnet import preact_inference_logits
@@ -13,9 +15,9 @@ from acet_tf.models.resnet import preact_resnet
 from acet_tf.models.resnet import resnet18
 
 _BUILDERS = {
-    'lenet': lenet,
-    'preact_resnet': preact_resnet,  # The reference's "resnet_small".
-    'resnet18': resnet18,
+  'lenet': lenet,
+  'preact_resnet': preact_resnet,  # The reference's "resnet_small".
+  'resnet18': resnet18,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 ModelCheckError = factory.ModelCheckError
@@ -32,12 +34,15 @@ def check_name(name):
     module_name, _, attr = name.partition(':')
     if module_name and attr and ':' not in attr:
       return
-  raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}, or your own '
-                   "'package.module:factory'.")
+  raise ValueError(
+    f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}, or your own '
+    "'package.module:factory'."
+  )
 
 
 def create_model(name, input_shape, num_classes):
-  """Builds the model `name`, one of MODEL_NAMES; call it inside `strategy.scope()` to distribute it.
+  """Builds the model `name`, one of MODEL_NAMES; call it inside `strategy.scope()` to distribute
+  it.
 
   Args:
     name: 'lenet', 'preact_resnet' or 'resnet18' (becomes `model.name`), or

@@ -1,10 +1,12 @@
 """The ResNets for SVHN and CIFAR: the reference's small pre-activation ResNet and ResNet-18.
 
-Both are ReLU networks with batch norm, average pooling and a dense head, so at inference (batch norm
+Both are ReLU networks with batch norm, average pooling and a dense head, so at inference
+(batch norm
 on its moving statistics) the logits are piecewise affine in the input. Every batch norm is
 synchronized: under MirroredStrategy it normalises with the statistics of the global batch, so the
 moving statistics stay equal on all replicas (a no-op on one device).
 """
+
 import keras
 import tensorflow as tf
 
@@ -20,16 +22,24 @@ def _bn(name):
 
 def _conv(filters, kernel_size, stride, name):
   # No bias: every convolution feeds a batch norm, whose offset plays that role.
-  return keras.layers.Conv2D(filters, kernel_size, strides=stride, padding='same', use_bias=False,
-                             kernel_initializer=_INIT, name=name)
+  return keras.layers.Conv2D(
+    filters,
+    kernel_size,
+    strides=stride,
+    padding='same',
+    use_bias=False,
+    kernel_initializer=_INIT,
+    name=name,
+  )
 
 
 def _logits(x, num_classes):
   x = keras.layers.GlobalAveragePooling2D(name='pool')(x)
   # Softmax and log-confidence losses want float32 logits even when the body runs in float16.
   head_dtype = 'float32' if keras.config.dtype_policy().name.startswith('mixed') else None
-  return keras.layers.Dense(num_classes, kernel_initializer=_INIT, dtype=head_dtype,
-                            name='logits')(x)
+  return keras.layers.Dense(num_classes, kernel_initializer=_INIT, dtype=head_dtype, name='logits')(
+    x
+  )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,11 +67,18 @@ def _preact_unit(x, filters, stride, activate_shortcut, shortcut, name):
   return keras.layers.Add(name=f'{name}_add')([y, residual])
 
 
-def preact_resnet(input_shape, num_classes, filters=(16, 32, 64), units_per_stage=3,
-                  shortcut='pad', name='preact_resnet'):
+def preact_resnet(
+  input_shape,
+  num_classes,
+  filters=(16, 32, 64),
+  units_per_stage=3,
+  shortcut='pad',
+  name='preact_resnet',
+):
   """Builds the reference's small pre-activation ResNet (ResNet-20-like).
 
-  3x3 conv stem with filters[0] channels; per stage `units_per_stage` pre-activation units, the first
+  3x3 conv stem with filters[0] channels; per stage `units_per_stage` pre-activation units, the
+  first
   with stride 2 from the second stage on; final BN-ReLU, global average pool, dense K.
 
   Args:
@@ -85,8 +102,14 @@ def preact_resnet(input_shape, num_classes, filters=(16, 32, 64), units_per_stag
       stride = 2 if stage > 0 and unit == 0 else 1
       # The reference shares the first BN-ReLU with the shortcut in the first unit of every stage
       # (its list says only stage 1, but it always reads the list's first entry).
-      x = _preact_unit(x, stage_filters, stride, activate_shortcut=unit == 0, shortcut=shortcut,
-                       name=f'stage{stage + 1}_unit{unit + 1}')
+      x = _preact_unit(
+        x,
+        stage_filters,
+        stride,
+        activate_shortcut=unit == 0,
+        shortcut=shortcut,
+        name=f'stage{stage + 1}_unit{unit + 1}',
+      )
   x = keras.layers.ReLU(name='final_relu')(_bn('final_bn')(x))
   return keras.Model(inputs, _logits(x, num_classes), name=name)
 
@@ -127,7 +150,9 @@ def resnet18(input_shape, num_classes, name='resnet18'):
   x = keras.layers.ReLU(name='stem_relu')(_bn('stem_bn')(x))
   for stage, (filters, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
     for block in range(2):
-      x = _basic_block(x, filters, stride if block == 0 else 1, f'stage{stage + 1}_block{block + 1}')
+      x = _basic_block(
+        x, filters, stride if block == 0 else 1, f'stage{stage + 1}_block{block + 1}'
+      )
   return keras.Model(inputs, _logits(x, num_classes), name=name)
 
 
@@ -166,8 +191,9 @@ def preact_inference_logits(model):
       unit = f'{parts[0]}_{parts[1]}'
       if unit not in units:
         units.append(unit)
-  needed = ['stem_conv', 'final_bn', 'logits'] + [f'{u}_{part}' for u in units
-                                                    for part in ('bn1', 'conv1', 'bn2', 'conv2')]
+  needed = ['stem_conv', 'final_bn', 'logits'] + [
+    f'{u}_{part}' for u in units for part in ('bn1', 'conv1', 'bn2', 'conv2')
+  ]
   missing = [n for n in needed if n not in layers]
   if not units or missing:
     raise ValueError(f'{model.name!r} is not a preact_resnet: missing layers {missing or "stage*"}')

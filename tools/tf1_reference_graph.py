@@ -6,7 +6,8 @@ the graph run through tf.py_function) on the uniform draws acet_tf.evaluate uses
 run's config.seed, 0 for every imported run): the two numbers can differ only by float rounding
 in the logits. The graph is run as the reference models' README (shared/reference_models)
 describes: the `.meta` without its `_output_shapes` attributes, imported with `input_map` on the
-network's input `tower_0/cond_2/Merge:0` (the output of the graph's own noise/PGD switch), restored with its saver.
+network's input `tower_0/cond_2/Merge:0` (the output of the graph's own noise/PGD switch), restored
+with its saver.
 Test and tool code only: the library never needs TF 1 graphs.
 """
 

@@ -152,16 +152,18 @@ def test_binary_paper_config_gives_the_numbers_of_the_flags(plain_run, tmp_path)
       assert entry[m] == b['out_sets'][key][m]
 
 
-def test_data_free_attacked_noise_reports_mmc_only():
+def test_data_free_attacked_noise_reports_mmc_only(tmp_path):
   info, model, _, _ = small_setup(2)
   predict_fn, logits_fn = evaluate.keras_model_fns(model)
   settings = evaluate.settings_from_config(
       eval_config.get_config('strong,runlocal'), sets=('adv_noise',), max_examples=8,
       batch_size=8, seed=0, adv_noise_starts=('uniform',), attacked_sets=('adv_noise',))
   results = evaluate.evaluate_model(predict_fn, info, None, settings, logits_fn=logits_fn,
-                                    keras_model=model, true_logits=True)
+                                    keras_model=model, true_logits=True, output_dir=str(tmp_path))
   entry = results['attacked']['adv_noise']
   assert set(entry['attacks']) == {'pgd@uniform', 'apgd@uniform'}
   assert entry['worst_case']['auroc'] is None and entry['guaranteed_auroc'] is None
   assert entry['guaranteed_mmc'] >= entry['worst_case']['mmc'] - 1e-5
   assert 'scores' not in results
+  assert 'guaranteed_mmc' in json.loads((tmp_path / 'results.json').read_text())['attacked'][
+      'adv_noise']

@@ -1097,9 +1097,9 @@ def summary_scalars(results):
         scalars[f'eval/{key}/{m}'] = e[m]
   for key, e in results.get('attacked', {}).items():
     for m in ('mmc', 'auroc', 'fpr95'):
-      if m in e.get('worst_case', {}):
+      if e.get('worst_case', {}).get(m) is not None:  # None: data-free, no AUROC.
         scalars[f'eval/attacked/{key}/worst_case/{m}'] = e['worst_case'][m]
-      if f'guaranteed_{m}' in e:
+      if e.get(f'guaranteed_{m}') is not None:
         scalars[f'eval/attacked/{key}/guaranteed_{m}'] = e[f'guaranteed_{m}']
   if 'table2' in results:
     t2 = results['table2']

@@ -194,7 +194,7 @@ def test_binary_paper_config_gives_the_numbers_of_the_flags(plain_run, tmp_path)
       assert entry[m] == b['out_sets'][key][m]
 
 
-def test_data_free_attacked_noise_reports_mmc_only():
+def test_data_free_attacked_noise_reports_mmc_only(tmp_path):
   info, model, _, _ = small_setup(2)
   predict_fn, logits_fn = evaluator.keras_model_fns(model)
   settings = evaluator.settings_from_config(
@@ -207,10 +207,19 @@ def test_data_free_attacked_noise_reports_mmc_only():
     attacked_sets=('adv_noise',),
   )
   results = evaluator.evaluate_model(
-    predict_fn, info, None, settings, logits_fn=logits_fn, keras_model=model, true_logits=True
+    predict_fn,
+    info,
+    None,
+    settings,
+    logits_fn=logits_fn,
+    keras_model=model,
+    true_logits=True,
+    output_dir=str(tmp_path),
   )
   entry = results['attacked']['adv_noise']
   assert set(entry['attacks']) == {'pgd@uniform', 'apgd@uniform'}
   assert entry['worst_case']['auroc'] is None and entry['guaranteed_auroc'] is None
   assert entry['guaranteed_mmc'] >= entry['worst_case']['mmc'] - 1e-5
   assert 'scores' not in results
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert 'guaranteed_mmc' in saved['attacked']['adv_noise']

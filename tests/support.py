@@ -1,6 +1,13 @@
 """Small helpers shared by test modules (fixtures live in conftest.py)."""
 
+import os
+import re
+import subprocess
+import sys
+import time
+
 import numpy as np
+import pytest
 
 from acet_tf import evaluation
 from acet_tf import input_pipeline
@@ -22,3 +29,37 @@ def digits(n=32):
   """float32 [n, 28, 28, 1] test digits in [0, 1] (exact multiples of 1/255), labels int32 [n]."""
   images, labels = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', n, max_examples=n)))
   return images.numpy(), labels.numpy()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_server(export_dir, model_name, log, *flags):
+  """The acet_tf.serve binary on port 0 (it picks a free port and logs it), its stderr in `log`.
+
+  Returns (process, base URL); fails the test with the log's tail if it does not start in 300 s.
+  """
+  with open(log, 'w') as err:
+    proc = subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'acet_tf.serve',
+        f'--export_dir={export_dir}',
+        f'--model_name={model_name}',
+        '--port=0',
+        *flags,
+      ],
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=err,
+    )
+  deadline = time.monotonic() + 300
+  while True:
+    match = re.search(r'at http://127\.0\.0\.1:(\d+)', log.read_text())
+    if match:
+      return proc, f'http://127.0.0.1:{match.group(1)}'
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'server did not start:\n{log.read_text()[-3000:]}')
+    time.sleep(0.2)

@@ -4,9 +4,6 @@ carries your class names. For a folder of PNG/JPEG images, an .npz file and a mo
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -19,6 +16,7 @@ from acet_tf import input_pipeline
 from acet_tf import server
 from acet_tf import trainer
 from configs import custom
+from tests import support
 from tools import make_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,32 +87,9 @@ def test_image_folder_to_served_class_names(tmp_path):
   )
   images, _ = held_out_images(config)
   # The real server binary over HTTP, as a user would run it.
-  log = tmp_path / 'server.txt'
-  with open(log, 'w') as err:
-    proc = subprocess.Popen(
-      [
-        sys.executable,
-        '-m',
-        'acet_tf.serve',
-        f'--export_dir={export_dir}',
-        '--model_name=shapes',
-        '--port=0',
-      ],
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=err,
-    )
+  proc, url = support.start_server(export_dir, 'shapes', tmp_path / 'server.txt')
   try:
-    deadline, port = time.monotonic() + 300, None
-    while port is None:
-      match = re.search(r'at http://127\.0\.0\.1:(\d+)', log.read_text())
-      if match:
-        port = int(match.group(1))
-      elif proc.poll() is not None or time.monotonic() > deadline:
-        pytest.fail(f'server did not start:\n{log.read_text()[-3000:]}')
-      else:
-        time.sleep(0.2)
-    base = f'http://127.0.0.1:{port}/v1/models/shapes'
+    base = f'{url}/v1/models/shapes'
     request = urllib.request.Request(
       f'{base}:predict', data=json.dumps({'instances': images.tolist()}).encode()
     )

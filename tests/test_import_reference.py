@@ -7,10 +7,8 @@ LeNet-naming and mismatch tests write their own checkpoints with the reference's
 
 import json
 import os
-import re
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -26,6 +24,7 @@ from configs import cifar10
 from configs import cifar100
 from configs import mnist
 from configs import svhn
+from tests import support
 from tools import tf1_reference_graph
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,33 +316,6 @@ def test_imported_logits_equal_the_authors_graph(tmp_path, name):
 # ------------------------------------------------------------------------------------------------
 
 
-def _start_server(export_dir, name, log):
-  """acet_tf.serve on a free port (as tests/test_serve.py starts it). Returns (process, URL)."""
-  with open(log, 'w') as err:
-    proc = subprocess.Popen(
-      [
-        sys.executable,
-        '-m',
-        'acet_tf.serve',
-        f'--export_dir={export_dir}',
-        f'--model_name={name}',
-        '--port=0',
-      ],
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=err,
-    )
-  deadline = time.monotonic() + 300
-  while True:
-    match = re.search(r'at http://127\.0\.0\.1:(\d+)', log.read_text())
-    if match:
-      return proc, f'http://127.0.0.1:{match.group(1)}'
-    if proc.poll() is not None or time.monotonic() > deadline:
-      proc.kill()
-      pytest.fail(f'server did not start:\n{log.read_text()[-3000:]}')
-    time.sleep(0.2)
-
-
 @pytest.mark.slow
 @needs_reference
 def test_imported_cifar10_acet_exports_and_serves_without_its_data(tmp_path):
@@ -363,7 +335,7 @@ def test_imported_cifar10_acet_exports_and_serves_without_its_data(tmp_path):
   assert set(metadata['threshold']['not_measured']) == {'test', 'noise'}
   assert metadata['class_names'][:2] == ['airplane', 'automobile']
 
-  proc, url = _start_server(export_dir, 'cifar10_acet', tmp_path / 'server.txt')
+  proc, url = support.start_server(export_dir, 'cifar10_acet', tmp_path / 'server.txt')
   try:
     images = np.random.default_rng(3).uniform(size=(4, 32, 32, 3)).astype(np.float32)
     request = urllib.request.Request(

@@ -44,31 +44,7 @@ def run(exported_run):
 
 
 def start_server(export_dir, log, *flags):
-  """The binary on port 0 (it picks a free one and logs it). Returns (process, base URL)."""
-  with open(log, 'w') as err:
-    proc = subprocess.Popen(
-      [
-        sys.executable,
-        '-m',
-        'acet_tf.serve',
-        f'--export_dir={export_dir}',
-        f'--model_name={NAME}',
-        '--port=0',
-        *flags,
-      ],
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=err,
-    )
-  deadline = time.monotonic() + 300
-  while True:
-    match = re.search(r'at http://127\.0\.0\.1:(\d+)', log.read_text())
-    if match:
-      return proc, f'http://127.0.0.1:{match.group(1)}'
-    if proc.poll() is not None or time.monotonic() > deadline:
-      proc.kill()
-      pytest.fail(f'server did not start:\n{log.read_text()[-3000:]}')
-    time.sleep(0.2)
+  return support.start_server(export_dir, NAME, log, *flags)
 
 
 @pytest.fixture(scope='module')

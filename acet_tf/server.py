@@ -163,7 +163,7 @@ class ServedModel:
 
   def _signature_defs(self):
     """The served signatures as TensorFlow Serving's metadata shows them (SignatureDef JSON)."""
-    from tensorflow.core.protobuf import saved_model_pb2  # pylint: disable=g-import-not-at-top
+    from tensorflow.core.protobuf import saved_model_pb2
 
     proto = saved_model_pb2.SavedModel()
     with tf.io.gfile.GFile(os.path.join(self.path, 'saved_model.pb'), 'rb') as f:
@@ -574,7 +574,7 @@ class RestApp:
       )
     except exceptions.HTTPException as e:
       status, body = e.code, {'error': e.description}
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # Deliberately broad: any failure is reported, not fatal.
       logging.exception('Internal error on %s %s', request.method, request.path)
       status, body = 500, {'error': f'Internal error: {type(e).__name__}: {e}'}
     if not isinstance(body, bytes):

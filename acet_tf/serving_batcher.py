@@ -152,7 +152,7 @@ class Batcher:
     try:
       self._on_batch(batch[0].key, sum(t.size for t in batch))
       outputs = batch[0].fn(merged)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # Deliberately broad: any failure is reported, not fatal.
       for task in batch:  # Each gets its own answer or error.
         self._run_alone(task)
       return
@@ -166,6 +166,6 @@ class Batcher:
     try:
       self._on_batch(task.key, task.size)
       task.outputs = task.fn(task.inputs)
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # Deliberately broad: any failure is reported, not fatal.
       task.error = e
     task.done.set()

@@ -77,7 +77,7 @@ class ModelVersions:
           loaded[version] = self._load(os.path.join(self.export_dir, str(version)))
           self._states[version] = ('AVAILABLE', '')
           logging.info('Loaded version %d of %s.', version, self.export_dir)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:  # Deliberately broad: any failure is reported, not fatal.
           self._states[version] = ('END', f'{type(e).__name__}: {e}')
           self._failed.add(version)
           logging.exception('Version %d of %s failed to load.', version, self.export_dir)
@@ -100,7 +100,7 @@ class ModelVersions:
     while not self._stop.wait(self.poll_interval_s):
       try:
         self.poll()
-      except Exception:  # pylint: disable=broad-except
+      except Exception:  # Deliberately broad: any failure is reported, not fatal.
         logging.exception(
           'Polling %s failed; trying again in %gs.', self.export_dir, self.poll_interval_s
         )

@@ -75,7 +75,7 @@ def test_folder_class_names_split_and_formats(tmp_path):
   # The first test images cover several classes (one fixed shuffle, not sorted by class).
   assert len(set(y_test[:3])) > 1
   # The split is fixed: a fresh read gives the same arrays.
-  custom_data._load_cached.cache_clear()  # pylint: disable=protected-access
+  custom_data._load_cached.cache_clear()
   np.testing.assert_array_equal(_arrays(name, 'test')[0], x_test)
 
 
@@ -162,17 +162,15 @@ def test_folder_train_stream_resumes_exactly_and_shards(tmp_path):
   name = f'folder:{root}'
   info = input_pipeline.get_info(name)
   pipeline = test_input_pipeline  # Its helpers: _config, _batches, _pipeline_streams, ...
-  config = pipeline._config(4, crop_padding=2, flip=True, dataset=name)  # pylint: disable=protected-access
-  full = pipeline._batches(input_pipeline.train_dataset(config, info), 14)  # pylint: disable=protected-access
+  config = pipeline._config(4, crop_padding=2, flip=True, dataset=name)
+  full = pipeline._batches(input_pipeline.train_dataset(config, info), 14)
   for k in (3, 6, 9):  # 6 steps per epoch: inside, at and past the first boundary.
-    resumed = pipeline._batches(  # pylint: disable=protected-access
-      input_pipeline.train_dataset(config, info, start_step=k), 14 - k
-    )
+    resumed = pipeline._batches(input_pipeline.train_dataset(config, info, start_step=k), 14 - k)
     for a, b in zip(full[k:], resumed):
       np.testing.assert_array_equal(a[0], b[0])
       np.testing.assert_array_equal(a[1], b[1])
-  streams, single = pipeline._pipeline_streams(config, info, 6)  # pylint: disable=protected-access
-  pipeline._assert_pipelines_split_the_global_batches(streams, single)  # pylint: disable=protected-access
+  streams, single = pipeline._pipeline_streams(config, info, 6)
+  pipeline._assert_pipelines_split_the_global_batches(streams, single)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -208,8 +208,8 @@ def test_images_of_another_shape_are_rejected_before_training(tmp_path, monkeypa
   monkeypatch.setattr(
     trainer.input_pipeline,
     'get_info',
-    lambda name, data_dir=None: dataclasses.replace(
-      get_info(name, data_dir), image_shape=(32, 32, 1)
+    lambda name, data_dir=None, options=None: dataclasses.replace(
+      get_info(name, data_dir, options), image_shape=(32, 32, 1)
     ),
   )
   steps_run = []
@@ -253,8 +253,8 @@ def test_unreadable_dataset_is_rejected_before_training_naming_it(tmp_path, monk
   corrupt = tmp_path / 'corrupt.tfrecord'
   corrupt.write_bytes(b'this is not a TFRecord file' * 100)
 
-  def load_corrupt(name, split, data_dir):
-    del name, split, data_dir
+  def load_corrupt(name, split, data_dir, options=None):
+    del name, split, data_dir, options
     return tf.data.TFRecordDataset(str(corrupt)).map(
       lambda record: (
         tf.reshape(tf.io.decode_raw(record, tf.uint8)[:784], [28, 28, 1]),

@@ -145,8 +145,8 @@ def test_float16_pgd_on_a_confident_model_moves_the_input_like_float32():
 
 @pytest.mark.slow
 def test_a_float16_run_with_forced_overflows_trains_to_the_end(tmp_path, monkeypatch):
-  from acet_tf import train  # pylint: disable=g-import-not-at-top
-  from configs import mnist5k  # pylint: disable=g-import-not-at-top
+  from acet_tf import trainer
+  from configs import mnist5k
 
   config = mnist5k.get_config('acet,runlocal')
   config.strategy = 'one_device'
@@ -167,7 +167,7 @@ def test_a_float16_run_with_forced_overflows_trains_to_the_end(tmp_path, monkeyp
   monkeypatch.setattr(train_step, 'create_optimizer', huge_scale)
   policy = keras.config.dtype_policy()
   try:
-    final = train.train_and_evaluate(config, str(tmp_path))
+    final = trainer.train_and_evaluate(config, str(tmp_path))
   finally:
     keras.config.set_dtype_policy(policy)
   assert final['step'] == 12

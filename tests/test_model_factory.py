@@ -69,7 +69,7 @@ def test_bad_names():
 
 
 def test_train_checks_the_factory_before_the_first_step(tmp_path):
-  from tests import test_custom_data  # pylint: disable=g-import-not-at-top
+  from tests import test_custom_data
 
   root = str(tmp_path / 'data')
   test_custom_data.make_folder(root, ['a', 'b', 'c'], per_class=8, size=(16, 16))

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start_server(export_dir, log_path, flags):
   """acet_tf.serve on 127.0.0.1, port 0. Returns (process, port)."""
-  log = open(log_path, 'w')  # pylint: disable=consider-using-with  (closed with the process)
+  log = open(log_path, 'w')  # Closed with the process.
   proc = subprocess.Popen(
     [
       sys.executable,
@@ -131,7 +131,7 @@ def summary(result, batch):
 
 def in_process(export_path, floats1, floats64, pngs64, seconds):
   """Calls/s of the loaded SavedModel's signatures, the server's model without HTTP."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   saved = tf.saved_model.load(export_path)
   cases = {
@@ -172,10 +172,10 @@ def main(argv=None):
   cases = args.cases.split(',')
 
   sys.path.insert(0, ROOT)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
-  from acet_tf import input_pipeline  # pylint: disable=g-import-not-at-top
-  from acet_tf import serving_layout  # pylint: disable=g-import-not-at-top
+  from acet_tf import input_pipeline
+  from acet_tf import serving_layout
 
   images, _ = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', 64, max_examples=64)))
   images = images.numpy()

@@ -85,8 +85,8 @@ class ReferenceGraph:
 
 def oracle_table2(checkpoint, *, num_examples, seed=0, batch_size=500):
   """scaling.table2's summary for the authors' graph on acet_tf.evaluate's draws and search."""
-  from acet_tf import evaluation  # pylint: disable=g-import-not-at-top
-  from acet_tf import scaling  # pylint: disable=g-import-not-at-top
+  from acet_tf import evaluation
+  from acet_tf import scaling
 
   graph = ReferenceGraph(checkpoint)
   try:

@@ -318,7 +318,7 @@ def _title(method):
 
 
 def _box_patch():
-  from matplotlib.patches import Rectangle  # pylint: disable=g-import-not-at-top
+  from matplotlib.patches import Rectangle
 
   return Rectangle(
     (BOX[0], BOX[0]), BOX[1] - BOX[0], BOX[1] - BOX[0], fill=False, edgecolor='white', linewidth=0.8

@@ -106,7 +106,7 @@ def _activation_name(fn):
 def non_piecewise_affine_layers(model):
   """['layer (what)', ...] of the layers that may make the logits not piecewise affine."""
   found = []
-  for layer in model._flatten_layers(include_self=False):  # pylint: disable=protected-access
+  for layer in model._flatten_layers(include_self=False):
     if isinstance(layer, keras.Model):
       continue  # Its own layers are visited.
     kind = type(layer).__name__

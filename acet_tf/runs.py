@@ -113,6 +113,23 @@ def latest_checkpoint(workdir):
   return latest
 
 
+def restore_checkpoint(checkpoint, path, config, info, *, partial=False):
+  """Restores `path` into `checkpoint`, explaining a mismatch in terms of the config.
+
+  partial=True: the checkpoint may hold objects `checkpoint` lacks (an optimizer's slots).
+  """
+  try:
+    status = checkpoint.restore(path)
+    if partial:
+      status = status.expect_partial()
+    status.assert_existing_objects_matched()
+  except (AssertionError, ValueError) as e:
+    raise ValueError(
+      f'Checkpoint {path} does not fit model {config.model} for dataset {config.dataset} '
+      f'(images {tuple(info.image_shape)}, {info.num_classes} classes): {e}'
+    ) from e
+
+
 def restore_model(workdir, config=None):
   """The model of the latest checkpoint in `workdir` (weights and batch-norm statistics only).
 
@@ -128,14 +145,5 @@ def restore_model(workdir, config=None):
   )
   model = models.create_model(config.model, info.image_shape, info.num_classes)
   latest = latest_checkpoint(workdir)
-  try:
-    tf.train.Checkpoint(model=model).restore(
-      latest
-    ).expect_partial().assert_existing_objects_matched()
-  except (AssertionError, ValueError) as e:
-    raise ValueError(
-      f'Checkpoint {latest} does not fit model {config.model} for dataset '
-      f'{config.dataset} (images {tuple(info.image_shape)}, {info.num_classes} '
-      f'classes): {e}'
-    ) from e
+  restore_checkpoint(tf.train.Checkpoint(model=model), latest, config, info, partial=True)
   return model, config, info, checkpoint_step(latest)

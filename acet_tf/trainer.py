@@ -154,17 +154,6 @@ def check_model_fits_data(config, info, model):
     )
 
 
-def restore_checkpoint(checkpoint, path, config, info):
-  """Restores `path` into `checkpoint`, explaining a mismatch in terms of the config."""
-  try:
-    checkpoint.restore(path).assert_existing_objects_matched()
-  except (AssertionError, ValueError) as e:
-    raise ValueError(
-      f'Checkpoint {path} does not fit model {config.model} for dataset {config.dataset} '
-      f'(images {tuple(info.image_shape)}, {info.num_classes} classes): {e}'
-    ) from e
-
-
 def train_iterator(config, info, strategy, start_step):
   """The distributed training batches from `start_step` on, sharded over the input pipelines.
 
@@ -280,7 +269,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   )
   latest = checkpoints.latest
   if latest:
-    restore_checkpoint(checkpoint, latest, config, info)
+    runs.restore_checkpoint(checkpoint, latest, config, info)
     logging.info('Resumed from %s.', latest)
   start_step = int(optimizer.iterations.numpy())
   distribution.check_same_on_all_workers(strategy, start_step, 'the step to resume from')

@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from acet_tf import distribution
 from acet_tf import input_pipeline
+from acet_tf import runs
 from acet_tf import trainer
 from configs import mnist5k
 
@@ -246,7 +247,7 @@ def test_a_model_or_checkpoint_for_other_images_is_rejected(reference):
     match=r'ckpt-4 does not fit model lenet for dataset mnist5k '
     r'\(images \(32, 32, 1\), 10 classes\)',
   ):
-    trainer.restore_checkpoint(checkpoint, os.path.join(reference, 'ckpt-4'), config, other)
+    runs.restore_checkpoint(checkpoint, os.path.join(reference, 'ckpt-4'), config, other)
 
 
 def test_unreadable_dataset_is_rejected_before_training_naming_it(tmp_path, monkeypatch):

@@ -12,19 +12,28 @@ The step timed is `train_step.make_train_function` itself, not a copy. Times are
 --reps repetitions after --warmup calls (the first call traces and compiles); each repetition runs
 calls for at least --min_rep_s seconds. `peak_rss_mb` is the process's peak so far: run one case
 per process to read it for that case alone.
+
+With --profile, each train_step case is instead profiled (tf.profiler, --reps calls after the
+warm-up) and printed as one `profile` line per op type (ms per step, share of all op time, ops per
+step), largest first: where the step's time goes. Op time sums ops that ran concurrently, so it
+can exceed the wall time.
 """
 
+import collections
+import glob
 import json
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 import keras
 import tensorflow as tf
+from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from acet_tf import attacks
 from acet_tf import models
@@ -53,6 +62,9 @@ _ATTACK = flags.DEFINE_bool('attack', True, 'Also time PGD alone (one line per m
 _TABLE2 = flags.DEFINE_bool('table2', True, "With the attack line, also time Table 2's search.")
 _INTRA = flags.DEFINE_integer('intra_op_threads', 0, 'TF intra-op threads (0: TF default).')
 _INTER = flags.DEFINE_integer('inter_op_threads', 0, 'TF inter-op threads (0: TF default).')
+_PROFILE = flags.DEFINE_integer(
+  'profile', 0, 'Instead of timing: op time by op type of each step case, this many op types.'
+)
 
 MODEL_INPUTS = {'lenet': (28, 28, 1), 'preact_resnet': (32, 32, 3), 'resnet18': (32, 32, 3)}
 NUM_CLASSES = 10
@@ -155,7 +167,7 @@ def _environment():
   )
 
 
-def _build(config, strategy, total_steps=10**6):
+def build(config, strategy, total_steps=10**6):
   """Model and optimizer as the trainer makes them (inside the strategy's scope)."""
   keras.mixed_precision.set_global_policy(config.mixed_precision or 'float32')
   with strategy.scope():
@@ -175,9 +187,9 @@ def synthetic_batch(config, seed=0):
   return images, labels
 
 
-def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
-  """Times train_step.make_train_function on one synthetic batch, repeated. Returns a dict."""
-  model, optimizer = _build(config, strategy)
+def train_call(config, strategy):
+  """(fn() running config.steps_per_call steps of train_step.make_train_function, optimizer)."""
+  model, optimizer = build(config, strategy)
   # One fixed batch: the timing is the step's, not the input pipeline's.
   dataset = tf.data.Dataset.from_tensors(synthetic_batch(config)).repeat()
   iterator = iter(strategy.experimental_distribute_dataset(dataset))
@@ -190,6 +202,12 @@ def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
       raise FloatingPointError(f'non-finite loss at step {int(bad)} of the benchmark')
     return sums
 
+  return call, optimizer
+
+
+def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
+  """Times train_step.make_train_function on one synthetic batch, repeated. Returns a dict."""
+  call, optimizer = train_call(config, strategy)
   seconds, cpu_seconds, warm = _median_seconds(call, reps, min_rep_s, warmup, config.steps_per_call)
   return dict(
     case='train_step',
@@ -211,6 +229,60 @@ def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
   )
 
 
+NOT_OPS = ('Process', 'Run', 'Start')  # Profiler events named like ops that are not ops.
+
+
+def op_times(logdir):
+  """{op type: (total ms, count)} over every op event of the tf.profiler trace in logdir."""
+  paths = glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True)
+  if not paths:
+    raise FileNotFoundError(f'tf.profiler wrote no .xplane.pb under {logdir}')
+  space = xplane_pb2.XSpace()
+  with open(paths[0], 'rb') as f:
+    space.ParseFromString(f.read())
+  totals, counts = collections.Counter(), collections.Counter()
+  for plane in space.planes:
+    for line in plane.lines:
+      for event in line.events:
+        name = plane.event_metadata[event.metadata_id].name
+        op_type = name.rpartition(':')[2].strip()
+        # Op events are named 'op_name:OpType'; the runtime's and tf.function's events are not.
+        if ':' in name and op_type not in NOT_OPS and not op_type.startswith('__'):
+          totals[op_type] += event.duration_ps / 1e9
+          counts[op_type] += 1
+  return {k: (totals[k], counts[k]) for k in totals}
+
+
+def profile_train_step(config, strategy, calls=2, warmup=2, top=25):
+  """Op time by op type of the train step (tf.profiler over `calls` calls). Returns dicts."""
+  call, _ = train_call(config, strategy)
+  for _ in range(warmup):
+    call()
+  with tempfile.TemporaryDirectory() as logdir:
+    start = time.perf_counter()
+    tf.profiler.experimental.start(logdir)
+    for _ in range(calls):
+      call()
+    tf.profiler.experimental.stop()
+    wall_s = time.perf_counter() - start
+    times = op_times(logdir)
+  steps = calls * config.steps_per_call
+  total_ms = sum(ms for ms, _ in times.values())
+  case = dict(case='profile', model=config.model, method=config.method, batch=config.batch_size)
+  lines = [dict(case, wall_ms_per_step=round(wall_s * 1e3 / steps), op_ms=round(total_ms / steps))]
+  for op_type, (ms, count) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
+    lines.append(
+      dict(
+        case,
+        op=op_type,
+        ms_per_step=round(ms / steps, 1),
+        share=round(ms / total_ms, 3),
+        per_step=count // steps,
+      )
+    )
+  return lines
+
+
 def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=True):
   """Times PGD and Table 2's search on B noise images against the passes they need. Returns a dict.
 
@@ -223,7 +295,7 @@ def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=
   repeat the attack, so they have the same ratio). Table 2's search (scaling.make_alpha_search)
   is compared with as many forwards as it runs (counted in-graph on one call).
   """
-  model, _ = _build(config, tf.distribute.get_strategy())
+  model, _ = build(config, tf.distribute.get_strategy())
   images, _ = synthetic_batch(config)
   x0 = noise_lib.make_noise(images, tf.constant([0, 3], tf.int64), config.noise)
   seed = tf.constant([0, 4], tf.int64)
@@ -337,9 +409,14 @@ def run(
   warmup=2,
   attack=True,
   table2=True,
+  profile=0,
   emit=print,
 ):
-  """Runs every model x method case (and the attack lines); `emit`s and returns the dicts."""
+  """Runs every model x method case (and the attack lines); `emit`s and returns the dicts.
+
+  With profile > 0 the step cases are profiled instead (that many op types each) and no attack
+  line is run.
+  """
   strategy = create_strategy(replicas)
   results = []
   for model in models:
@@ -347,9 +424,14 @@ def run(
       config = benchmark_config(
         model, method, batch, pgd_steps, jit, mixed_precision, steps_per_call
       )
-      results.append(time_train_step(config, strategy, reps, min_rep_s, warmup))
-      emit(json.dumps(results[-1]))
-    if attack:
+      if profile:
+        lines = profile_train_step(config, strategy, reps, warmup, profile)
+      else:
+        lines = [time_train_step(config, strategy, reps, min_rep_s, warmup)]
+      for line in lines:
+        emit(json.dumps(line))
+      results += lines
+    if attack and not profile:
       config = benchmark_config(model, 'acet', batch, pgd_steps, jit, mixed_precision)
       results.append(time_attack(config, eval_pgd_steps, reps, min_rep_s, warmup, table2))
       emit(json.dumps(results[-1]))
@@ -375,6 +457,7 @@ def main(argv):
     warmup=_WARMUP.value,
     attack=_ATTACK.value,
     table2=_TABLE2.value,
+    profile=_PROFILE.value,
   )
 
 

@@ -1,0 +1,27 @@
+"""tools/benchmark.op_times: op time by op type from a tf.profiler trace."""
+
+import tensorflow as tf
+
+from tools import benchmark
+
+
+def test_op_times_counts_each_op_of_a_profiled_function(tmp_path):
+  x = tf.random.uniform([8, 16, 16, 3])
+  kernel = tf.random.uniform([3, 3, 3, 4])
+  f = tf.function(lambda u: tf.reduce_sum(tf.nn.relu(tf.nn.conv2d(u, kernel, 1, 'SAME'))))
+  f(x).numpy()  # Traced and compiled before the profile.
+  calls = 3
+  tf.profiler.experimental.start(str(tmp_path))
+  for _ in range(calls):
+    f(x).numpy()
+  tf.profiler.experimental.stop()
+  times = benchmark.op_times(str(tmp_path))
+  conv = [k for k in times if 'Conv2D' in k]
+  relu = [k for k in times if k.endswith('Relu') and 'Conv' not in k]
+  assert conv, f'no convolution among {sorted(times)}'
+  # oneDNN may fuse the ReLU into the convolution; either way each call ran each op once.
+  assert sum(times[k][1] for k in conv + relu) in (calls, 2 * calls)
+  assert all(times[k][0] > 0 for k in conv)
+  assert all(ms >= 0 for ms, _ in times.values())
+  assert not set(times) & set(benchmark.NOT_OPS)
+  assert not [k for k in times if k.startswith('__')]  # tf.function events are not ops.

@@ -25,3 +25,13 @@ def test_op_times_counts_each_op_of_a_profiled_function(tmp_path):
   assert all(ms >= 0 for ms, _ in times.values())
   assert not set(times) & set(benchmark.NOT_OPS)
   assert not [k for k in times if k.startswith('__')]  # tf.function events are not ops.
+
+
+def test_resident_split_adds_up_to_the_resident_set():
+  split = benchmark.resident_split_mb()
+  with open('/proc/self/status') as f:
+    rss_kb = int(next(line for line in f if line.startswith('VmRSS')).split()[1])
+  assert set(split) == {'rss_anon_mb', 'rss_file_mb'}
+  # TensorFlow is imported: its shared libraries are mapped, so both parts are large.
+  assert split['rss_anon_mb'] > 50 and split['rss_file_mb'] > 50
+  assert abs(split['rss_anon_mb'] + split['rss_file_mb'] - rss_kb / 1024) < 0.05 * rss_kb / 1024

@@ -156,6 +156,20 @@ def peak_rss_mb():
   return round(peak / (2**20 if sys.platform == 'darwin' else 2**10))
 
 
+def resident_split_mb():
+  """{'rss_anon_mb', 'rss_file_mb'} now (Linux; {} elsewhere): the process's own memory vs the
+  pages of mapped files, mostly TensorFlow's shared libraries (shared and reclaimable)."""
+  try:
+    with open('/proc/self/status') as f:
+      fields = dict(line.split(':', 1) for line in f if line.startswith(('RssAnon', 'RssFile')))
+  except OSError:
+    return {}
+  return {
+    f'{k.lower()[:3]}_{k[3:].lower()}_mb': round(int(v.split()[0]) / 1024)
+    for k, v in fields.items()
+  }
+
+
 def _environment():
   """What the figures depend on besides the case: versions and thread settings."""
   return dict(
@@ -225,6 +239,7 @@ def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
     cpu_ms_per_step=round(cpu_seconds * 1e3, 1),
     steps_run=int(optimizer.iterations.numpy()),
     peak_rss_mb=peak_rss_mb(),
+    **resident_split_mb(),
     **_environment(),
   )
 

@@ -71,6 +71,10 @@ class Context:
   keras_model: Any = None  # The Keras model behind logits_fn, for the IBP bounds.
   true_logits: bool = False  # logits_fn gives logits: score every clean set three ways.
   units: tuple[str, ...] | None = None
+  # From the above.
+  requested: tuple[str, ...] = dataclasses.field(init=False)  # eval_settings.requested_sets.
+  cap: int = dataclasses.field(init=False)  # settings.max_examples, or no cap.
+  scores_fn: Callable | None = dataclasses.field(init=False)  # With true_logits.
   # Filled by the units.
   in_conf: np.ndarray | None = None  # float32 [N] test-set confidences; None data-free.
   batches: dict = dataclasses.field(default_factory=dict)  # {set: [(images, labels)]}.

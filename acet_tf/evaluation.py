@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from acet_tf import attacks
 from acet_tf import batch_random
-from acet_tf import metrics
 from acet_tf import noise as noise_lib
 
 # Streams of the evaluation seed, so each generated set is reproducible on its own. Evaluation
@@ -152,7 +151,7 @@ class GeneratedSets:
 
   noise: list  # One per source image, with the source labels (unused).
   adv_noise: list | None  # PGD's best point per attacked noise image; None without an attack.
-  seconds: dict  # {'noise', 'adv_noise'}: time spent making each.
+  seconds: dict  # {'noise', 'adv_noise' (with an attack)}: time spent making each.
 
 
 def generated_sets(source_batches, seed, noise_config, attack=None, *, noise=None):
@@ -194,43 +193,3 @@ def generated_sets(source_batches, seed, noise_config, attack=None, *, noise=Non
     )
     seconds['adv_noise'] = time.time() - start
   return GeneratedSets(noise, adv, seconds)
-
-
-def evaluate_during_training(model, config, test_dataset):
-  """The periodic evaluation of the train loop (the full Table 1 is acet_tf.evaluate).
-
-  Args:
-    model: a Keras model returning logits.
-    config: the run's config (reads seed, noise, eval.adv_noise_*).
-    test_dataset: batches of (images, labels) of the in-distribution test set.
-
-  Returns:
-    (scalars, images): scalars {'test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'};
-    images {'noise', 'adv_noise'}: float32 [n, H, W, C] for summaries.
-  """
-  predict = make_predict_fn(model)
-  test = predict_batches(predict, test_dataset)
-  noise = list(noise_batches(test_dataset, eval_seed(config.seed, NOISE_STREAM), config.noise))
-  noise_pred = predict_batches(predict, noise)
-  adv = list(
-    attack_batches(
-      model,
-      take_examples(noise, config.eval.adv_noise_examples),
-      attacks.max_log_confidence_objective,
-      eps=config.eval.adv_noise_eps,
-      step_size=config.eval.adv_noise_step_size,
-      steps=config.eval.adv_noise_steps,
-      seed=eval_seed(config.seed, ADV_NOISE_STREAM),
-      name='adversarial noise',
-    )
-  )
-  adv_pred = predict_batches(predict, adv)
-  scalars = {
-    'test/error': metrics.error_rate(test.predicted, test.labels),
-    'test/mmc': metrics.mean_max_confidence(test.confidence),
-    'noise/mmc': metrics.mean_max_confidence(noise_pred.confidence),
-    'adv_noise/mmc': metrics.mean_max_confidence(adv_pred.confidence),
-  }
-  n = config.num_summary_images
-  images = {'noise': noise[0][0][:n].numpy(), 'adv_noise': adv[0][0][:n].numpy()}
-  return scalars, images

@@ -193,11 +193,16 @@ def test_binary_paper_config_gives_the_numbers_of_the_flags(plain_run, tmp_path)
       flags.FLAGS(argv)
       evaluate.main(argv[:1])
     outs[name] = json.loads((out / 'results.json').read_text())
-  a, b = outs['flags'], outs['config']
-  assert a['test'] == b['test'] and a['table2'].keys() == b['table2'].keys()
-  for key, entry in a['out_sets'].items():
-    for m in ('mmc', 'auroc', 'fpr95'):
-      assert entry[m] == b['out_sets'][key][m]
+  # Every number and setting alike; only the clock differs.
+  a, b = (_without_timing(outs[name]) for name in ('flags', 'config'))
+  assert a == b
+  assert set(a['out_sets']) == {'noise', 'adv_noise', 'adv_samples'} and 'table2' in a
+
+
+def _without_timing(value):
+  if isinstance(value, dict):
+    return {k: _without_timing(v) for k, v in value.items() if k not in ('timing', 'seconds')}
+  return value
 
 
 def test_data_free_attacked_noise_reports_mmc_only(tmp_path):

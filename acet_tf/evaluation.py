@@ -1,9 +1,11 @@
-"""Batched confidence predictions and the generated out-sets (noise, adversarial noise/samples).
+"""Batched confidence predictions, PGD over batches and the generated out-sets (noise and
+adversarial noise: generated_sets, the one builder of both).
 
-Shared by the periodic evaluation in training and by the evaluation binary (acet_tf.evaluate).
-Everything runs batch by batch in compiled functions; nothing loops over single images.
+Used by the evaluator units (acet_tf/eval_units.py) and tools/figures.py. Everything runs batch by
+batch in compiled functions; nothing loops over single images.
 """
 
+from collections.abc import Callable
 import dataclasses
 import time
 
@@ -13,7 +15,6 @@ import tensorflow as tf
 
 from acet_tf import attacks
 from acet_tf import batch_random
-from acet_tf import metrics
 from acet_tf import noise as noise_lib
 
 # Streams of the evaluation seed, so each generated set is reproducible on its own. Evaluation
@@ -132,41 +133,63 @@ def take_examples(batches, max_examples):
     left -= int(images.shape[0])
 
 
-def evaluate_during_training(model, config, test_dataset):
-  """The periodic evaluation of the train loop (the full Table 1 is acet_tf.evaluate).
+@dataclasses.dataclass(frozen=True)
+class NoiseAttack:
+  """The adversarial-noise attack: PGD maximising the max log-confidence (eq. 3) from noise."""
+
+  model: Callable  # model(images, training=False) -> logits float32 [B, K].
+  eps: float
+  step_size: float
+  steps: int
+  restarts: int = 1
+  num_images: int | None = None  # Attacks the first num_images noise images; None: all of them.
+
+
+@dataclasses.dataclass
+class GeneratedSets:
+  """Noise and adversarial noise as lists of (images float32 [b, H, W, C] in [0, 1], labels)."""
+
+  noise: list  # One per source image, with the source labels (unused).
+  adv_noise: list | None  # PGD's best point per attacked noise image; None without an attack.
+  seconds: dict  # {'noise', 'adv_noise' (with an attack)}: time spent making each.
+
+
+def generated_sets(source_batches, seed, noise_config, attack=None, *, noise=None):
+  """The evaluation's noise and adversarial noise: the one place of their seeds.
 
   Args:
-    model: a Keras model returning logits.
-    config: the run's config (reads seed, noise, eval.adv_noise_*).
-    test_dataset: batches of (images, labels) of the in-distribution test set.
+    source_batches: (images, labels) batches that the permuted share of the noise permutes (the
+      in-distribution test set; zero images when only uniform noise is made).
+    seed: the base seed (int, config.seed); the noise is made with eval_seed(seed, NOISE_STREAM),
+      the attack with eval_seed(seed, ADV_NOISE_STREAM), both folded in per batch.
+    noise_config: the p_out settings (config.noise).
+    attack: a NoiseAttack, or None for the noise alone.
+    noise: noise batches made already (tools/figures attacks one noise set with several models);
+      source_batches and noise_config are then not read.
 
   Returns:
-    (scalars, images): scalars {'test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'};
-    images {'noise', 'adv_noise'}: float32 [n, H, W, C] for summaries.
+    GeneratedSets.
   """
-  predict = make_predict_fn(model)
-  test = predict_batches(predict, test_dataset)
-  noise = list(noise_batches(test_dataset, eval_seed(config.seed, NOISE_STREAM), config.noise))
-  noise_pred = predict_batches(predict, noise)
-  adv = list(
-    attack_batches(
-      model,
-      take_examples(noise, config.eval.adv_noise_examples),
-      attacks.max_log_confidence_objective,
-      eps=config.eval.adv_noise_eps,
-      step_size=config.eval.adv_noise_step_size,
-      steps=config.eval.adv_noise_steps,
-      seed=eval_seed(config.seed, ADV_NOISE_STREAM),
-      name='adversarial noise',
+  start = time.time()
+  if noise is None:
+    noise = list(noise_batches(source_batches, eval_seed(seed, NOISE_STREAM), noise_config))
+  seconds = {'noise': time.time() - start}
+  adv = None
+  if attack is not None:
+    start = time.time()
+    targets = noise if attack.num_images is None else take_examples(noise, attack.num_images)
+    adv = list(
+      attack_batches(
+        attack.model,
+        targets,
+        attacks.max_log_confidence_objective,
+        eps=attack.eps,
+        step_size=attack.step_size,
+        steps=attack.steps,
+        seed=eval_seed(seed, ADV_NOISE_STREAM),
+        restarts=attack.restarts,
+        name='adv_noise',
+      )
     )
-  )
-  adv_pred = predict_batches(predict, adv)
-  scalars = {
-    'test/error': metrics.error_rate(test.predicted, test.labels),
-    'test/mmc': metrics.mean_max_confidence(test.confidence),
-    'noise/mmc': metrics.mean_max_confidence(noise_pred.confidence),
-    'adv_noise/mmc': metrics.mean_max_confidence(adv_pred.confidence),
-  }
-  n = config.num_summary_images
-  images = {'noise': noise[0][0][:n].numpy(), 'adv_noise': adv[0][0][:n].numpy()}
-  return scalars, images
+    seconds['adv_noise'] = time.time() - start
+  return GeneratedSets(noise, adv, seconds)

@@ -30,8 +30,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from acet_tf import attacks
-from acet_tf import evaluation
+from acet_tf import evaluator
 from acet_tf import input_pipeline
 from acet_tf import metrics
 from acet_tf import runs
@@ -238,13 +237,14 @@ def _images(batches):
   return np.concatenate([np.asarray(x) for x, _ in batches])
 
 
-def measure_sets(model, config, num_examples, adv_noise_examples, info=None):
+def measure_sets(model, config, info, num_examples, adv_noise_examples):
   """The test set, noise and adversarial noise, with the model's predictions on them.
 
-  Noise and adversarial noise are made as in evaluation.evaluate_during_training (the same seeds,
-  noise config and eval.adv_noise_* attack), from the first `num_examples` test points. Without
-  the data (`info.has_data` False) there is no 'test' entry and the noise is uniform noise only
-  (`num_examples` images; the permuted half needs test images).
+  The evaluator's units test, noise and adv_noise (evaluator.evaluate_training_sets, as the
+  trainer's periodic evaluation: the same seeds, noise config and eval.adv_noise_* attack) on the
+  first `num_examples` test points. Without the data (`info.has_data` False) there is no 'test'
+  entry and the noise is uniform noise only (num_examples images, at most the recorded test size;
+  the permuted half needs test images).
 
   Returns:
     {'test', 'noise', 'adv_noise'} -> (images float32 [n, H, W, C] in [0, 1],
@@ -254,54 +254,29 @@ def measure_sets(model, config, num_examples, adv_noise_examples, info=None):
     raise ValueError(f'num_examples must be >= 1, got {num_examples}.')
   if adv_noise_examples < 0:
     raise ValueError(f'adv_noise_examples must be >= 0, got {adv_noise_examples}.')
-  predict = evaluation.make_predict_fn(model)
-  noise_config = config.noise
-  if info is None or info.has_data:
-    test = list(
-      input_pipeline.eval_dataset(
-        config.dataset,
-        'test',
-        config.eval.batch_size,
-        data_dir=config.data_dir or None,
-        max_examples=num_examples,
-        options=input_pipeline.options_from_config(config),
-      )
+  test = None
+  if info.has_data:
+    test = input_pipeline.eval_dataset(
+      config.dataset,
+      'test',
+      config.eval.batch_size,
+      data_dir=config.data_dir or None,
+      max_examples=num_examples,
+      options=input_pipeline.options_from_config(config),
     )
-    sets = {'test': test}
-  else:  # Zero images as the noise source; with no permuted share their content is never read.
-    size = config.eval.batch_size
-    test = [
-      (
-        tf.zeros([min(size, num_examples - i), *info.image_shape]),
-        tf.zeros([min(size, num_examples - i)], tf.int32),
-      )
-      for i in range(0, num_examples, size)
-    ]
-    noise_config = config.noise.copy_and_resolve_references()
-    noise_config.permuted_fraction = 0.0
-    sets = {}
-  noise = list(
-    evaluation.noise_batches(
-      test, evaluation.eval_seed(config.seed, evaluation.NOISE_STREAM), noise_config
-    )
+  ctx = evaluator.evaluate_training_sets(
+    model,
+    config,
+    info,
+    test,
+    max_examples=num_examples,
+    adv_noise_examples=adv_noise_examples or None,
+    sets=('noise', 'adv_noise') if adv_noise_examples else ('noise',),
   )
-  sets['noise'] = noise
-  if adv_noise_examples:
-    sets['adv_noise'] = list(
-      evaluation.attack_batches(
-        model,
-        evaluation.take_examples(noise, adv_noise_examples),
-        attacks.max_log_confidence_objective,
-        eps=config.eval.adv_noise_eps,
-        step_size=config.eval.adv_noise_step_size,
-        steps=config.eval.adv_noise_steps,
-        seed=evaluation.eval_seed(config.seed, evaluation.ADV_NOISE_STREAM),
-        name='adversarial noise',
-      )
-    )
   return {
-    name: (_images(batches), evaluation.predict_batches(predict, batches))
-    for name, batches in sets.items()
+    name: (_images(ctx.batches[name]), ctx.predictions[name])
+    for name in ('test', 'noise', 'adv_noise')
+    if name in ctx.predictions
   }
 
 
@@ -402,7 +377,7 @@ def export_model(
   adv_noise_examples = (
     config.eval.adv_noise_examples if adv_noise_examples is None else adv_noise_examples
   )
-  sets = measure_sets(model, config, num_examples, adv_noise_examples, info)
+  sets = measure_sets(model, config, info, num_examples, adv_noise_examples)
   if threshold == 'auto':
     test = sets['test'][1]
     value = metrics.calibrate_threshold(test.confidence, test.predicted == test.labels, keep)

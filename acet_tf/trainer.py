@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from acet_tf import distribution
-from acet_tf import evaluation
+from acet_tf import evaluator
 from acet_tf import input_pipeline
 from acet_tf import models
 from acet_tf import runs
@@ -289,7 +289,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   )
 
   def run_eval(step):
-    scalars, images = evaluation.evaluate_during_training(model, config, test_dataset)
+    scalars, images = evaluator.evaluate_during_training(model, config, info, test_dataset)
     # Named like the keys of final_metrics.json: test/error, noise/mmc, adv_noise/mmc, ...
     write_scalars(writer, step, scalars)
     with writer.as_default(step=step):

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-from acet_tf import evaluator
+from acet_tf import eval_settings
 from acet_tf import noise
 from acet_tf import train_step
 from configs import common
@@ -65,7 +65,7 @@ def test_runlocal_shrinks_every_paper_config_to_a_smoke_run():
 
 
 def test_evaluation_defaults_are_the_papers_protocol():
-  s = evaluator.Settings()
+  s = eval_settings.Settings()
   assert (s.adv_noise_steps, s.adv_noise_step_size, s.adv_noise_eps, s.adv_noise_restarts) == (
     200,
     0.0075,
@@ -73,7 +73,7 @@ def test_evaluation_defaults_are_the_papers_protocol():
     1,
   )
   assert s.adv_samples_steps == 80
-  assert evaluator.adv_samples_budget(s, (28, 28, 1)) == (0.3, 0.0075)
-  assert evaluator.adv_samples_budget(s, (32, 32, 3)) == (0.1, 0.0025)
-  assert evaluator.table2_examples(s) == 10_000
+  assert eval_settings.adv_samples_budget(s, (28, 28, 1)) == (0.3, 0.0075)
+  assert eval_settings.adv_samples_budget(s, (32, 32, 3)) == (0.1, 0.0025)
+  assert eval_settings.table2_examples(s) == 10_000
   assert (s.table2_threshold, s.table2_clipped_threshold) == (0.999, 0.95)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from werkzeug import test as werkzeug_test
 
+from acet_tf import eval_settings
 from acet_tf import evaluator
 from acet_tf import exporter
 from acet_tf import input_pipeline
@@ -31,7 +32,7 @@ def train_evaluate_export(tmp_path, arg):
   workdir, export_dir = str(tmp_path / 'run'), str(tmp_path / 'export')
   final = trainer.train_and_evaluate(config, workdir)
   assert final['step'] == config.num_train_steps
-  settings = evaluator.Settings(
+  settings = eval_settings.Settings(
     sets=('noise', 'adv_noise'), max_examples=16, batch_size=16, adv_noise_steps=2
   )
   results = evaluator.evaluate_run(settings, workdir=workdir)

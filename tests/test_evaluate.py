@@ -17,6 +17,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from acet_tf import eval_settings
+from acet_tf import eval_units
 from acet_tf import evaluate  # The binary: main() runs in-process.
 from acet_tf import evaluator
 from acet_tf import input_pipeline
@@ -24,6 +26,7 @@ from acet_tf import metrics
 from acet_tf import models
 from acet_tf import out_datasets
 from acet_tf import runs
+from acet_tf import saved_model_classifier
 
 MNIST_OUT = {'fmnist', 'emnist', 'gray_cifar10'}
 
@@ -142,7 +145,7 @@ def test_strict_makes_an_unavailable_set_an_error(run_dir, binary_eval, tmp_path
   _, _, empty = binary_eval
   with _offline(), pytest.raises(input_pipeline.DatasetUnavailableError, match='--strict'):
     evaluator.evaluate_run(
-      evaluator.Settings(sets=('fmnist',), strict=True, data_dir=empty),
+      eval_settings.Settings(sets=('fmnist',), strict=True, data_dir=empty),
       workdir=run_dir,
       output_dir=str(tmp_path),
     )
@@ -170,7 +173,7 @@ def test_saved_model_gives_the_checkpoint_numbers(run_dir, binary_eval, tmp_path
   model, _, _, _ = runs.restore_model(run_dir)
   _save_classifier(model, str(export_dir / '1'))
   # The binary's settings (the seed defaults to the run's config.seed, 0).
-  settings = evaluator.Settings(
+  settings = eval_settings.Settings(
     max_examples=32,
     batch_size=32,
     adv_noise_steps=3,
@@ -214,10 +217,10 @@ def test_mock_tfds_data_end_to_end(tmp_path):
   # mock_data leaves info.splits empty and draws labels uniformly: nothing may depend on either.
   with tfds.testing.mock_data(num_examples=20):
     info = input_pipeline.get_info('mnist')
-    predict_fn, logits_fn = evaluator.keras_model_fns(
+    predict_fn, logits_fn = saved_model_classifier.keras_model_fns(
       models.create_model('lenet', info.image_shape, info.num_classes)
     )
-    settings = evaluator.Settings(
+    settings = eval_settings.Settings(
       sets=('datasets', 'noise', 'adv_samples'),
       max_examples=16,
       batch_size=16,
@@ -225,7 +228,7 @@ def test_mock_tfds_data_end_to_end(tmp_path):
       seed=0,
       num_grid_images=2,
     )
-    keys, _, _, _ = evaluator.resolve_sets(settings, 'mnist')
+    keys, _, _, _ = eval_settings.resolve_sets(settings, 'mnist')
     out_sets, skipped = out_datasets.load_out_sets(
       keys, info.image_shape, batch_size=16, max_examples=16, strict=True
     )
@@ -334,7 +337,7 @@ def test_adversarial_sample_metrics_use_the_successful_ones_only():
   labels = np.array([3, 0, 2, 0, 1])
   # 0: still correct and confident (resisted); 1: wrong class; 2: correct class but only
   # 0.101 <= 1.01/10 (near uniform: success, the reference rule); 3: resisted; 4: wrong class.
-  entry, success = evaluator.adversarial_sample_metrics(in_conf, conf, predicted, labels, 10)
+  entry, success = eval_units.adversarial_sample_metrics(in_conf, conf, predicted, labels, 10)
   np.testing.assert_array_equal(success, [False, True, True, False, True])
   assert entry['num_attacked'] == 5 and entry['num_successful'] == 3
   assert entry['success_rate'] == pytest.approx(0.6)
@@ -342,7 +345,7 @@ def test_adversarial_sample_metrics_use_the_successful_ones_only():
   expected = metrics.ood_metrics(in_conf, conf[success])
   for key, value in expected.items():
     assert entry[key] == pytest.approx(value)
-  none, success = evaluator.adversarial_sample_metrics(
+  none, success = eval_units.adversarial_sample_metrics(
     in_conf, conf[:1], predicted[:1], labels[:1], 10
   )
   assert not success.any() and none['auroc'] is None and none['mmc'] is None
@@ -351,7 +354,7 @@ def test_adversarial_sample_metrics_use_the_successful_ones_only():
 def test_log_probabilities_are_logits_with_finite_gradients():
   logits = tf.constant([[0.0, 1.0, 2.0], [0.0, 200.0, -200.0]])  # Row 2: two classes underflow.
   predict = lambda x: tf.nn.softmax(x)
-  as_logits = evaluator.log_probabilities(predict)
+  as_logits = saved_model_classifier.log_probabilities(predict)
   np.testing.assert_allclose(tf.nn.softmax(as_logits(logits)), tf.nn.softmax(logits), atol=1e-6)
   with tf.GradientTape() as tape:
     tape.watch(logits)
@@ -367,13 +370,15 @@ def test_table2_is_skipped_for_a_model_that_refuses_unbounded_inputs():
     tf.debugging.assert_less_equal(images, 1.0, 'images must be in [0, 1]')
     return tf.nn.softmax(tf.reshape(images, [tf.shape(images)[0], -1])[:, :3])
 
-  assert not evaluator.accepts_unbounded_inputs(bounded, (2, 2, 1))
-  assert evaluator.accepts_unbounded_inputs(lambda x: tf.nn.softmax(x[:, 0, 0]), (2, 2, 3))
+  assert not saved_model_classifier.accepts_unbounded_inputs(bounded, (2, 2, 1))
+  assert saved_model_classifier.accepts_unbounded_inputs(
+    lambda x: tf.nn.softmax(x[:, 0, 0]), (2, 2, 3)
+  )
 
 
 def test_settings_and_set_selection():
   with pytest.raises(ValueError, match='unknown sets'):
-    evaluator.Settings(sets=('noise', 'mnist_c'))
+    eval_settings.Settings(sets=('noise', 'mnist_c'))
   for bad in (
     dict(max_examples=0),
     dict(adv_noise_restarts=0),
@@ -381,25 +386,29 @@ def test_settings_and_set_selection():
     dict(adv_samples_eps=-0.1),
   ):
     with pytest.raises(ValueError):
-      evaluator.Settings(**bad)
-  keys, generated, table2, left_out = evaluator.resolve_sets(evaluator.Settings(), 'cifar10')
+      eval_settings.Settings(**bad)
+  keys, generated, table2, left_out = eval_settings.resolve_sets(
+    eval_settings.Settings(), 'cifar10'
+  )
   assert keys == ('svhn', 'cifar100', 'lsun_classroom')
-  assert generated == evaluator.GENERATED_SETS and table2
+  assert generated == eval_settings.GENERATED_SETS and table2
   assert set(left_out) == {'imagenet_minus'}
-  keys, _, _, left_out = evaluator.resolve_sets(
-    evaluator.Settings(imagenet_minus_dir='/data/imagenet_minus'), 'svhn_cropped'
+  keys, _, _, left_out = eval_settings.resolve_sets(
+    eval_settings.Settings(imagenet_minus_dir='/data/imagenet_minus'), 'svhn_cropped'
   )
   assert keys == ('cifar10', 'cifar100', 'lsun_classroom', 'imagenet_minus') and not left_out
-  assert evaluator.resolve_sets(evaluator.Settings(sets=('fmnist', 'noise')), 'mnist') == (
+  assert eval_settings.resolve_sets(eval_settings.Settings(sets=('fmnist', 'noise')), 'mnist') == (
     ('fmnist',),
     ('noise',),
     False,
     {},
   )
   with pytest.raises(ValueError, match='No out-distribution datasets'):
-    evaluator.resolve_sets(evaluator.Settings(), 'imagenet2012')
-  assert evaluator.table2_examples(evaluator.Settings()) == 10_000
-  assert evaluator.table2_examples(evaluator.Settings(max_examples=32)) == 32
-  assert evaluator.table2_examples(evaluator.Settings(max_examples=32, table2_examples=64)) == 64
-  assert evaluator.adv_samples_budget(evaluator.Settings(), (28, 28, 1)) == (0.3, 0.0075)
-  assert evaluator.adv_samples_budget(evaluator.Settings(), (32, 32, 3)) == (0.1, 0.0025)
+    eval_settings.resolve_sets(eval_settings.Settings(), 'imagenet2012')
+  assert eval_settings.table2_examples(eval_settings.Settings()) == 10_000
+  assert eval_settings.table2_examples(eval_settings.Settings(max_examples=32)) == 32
+  assert (
+    eval_settings.table2_examples(eval_settings.Settings(max_examples=32, table2_examples=64)) == 64
+  )
+  assert eval_settings.adv_samples_budget(eval_settings.Settings(), (28, 28, 1)) == (0.3, 0.0075)
+  assert eval_settings.adv_samples_budget(eval_settings.Settings(), (32, 32, 3)) == (0.1, 0.0025)

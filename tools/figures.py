@@ -4,13 +4,11 @@
   python -m tools.figures --workdir=runs/mnist5k_plain,runs/mnist5k_ceda,runs/mnist5k_acet \
       --out=/tmp/adversarial_noise.png
 
-The noise comes from the test set exactly as in evaluation (evaluation.noise_batches: half permuted
-test images, half uniform, low-passed and rescaled); the attack is evaluation.attack_batches with
-the
-max log-confidence objective, eps 0.3 and 40 steps of 0.0075 as in the paper's figure. The top row
-shows the noise with every model's prediction under it; then one row per model with the
-adversarial noise found against that model and its prediction (one model: the paper's Figure 2;
-plain, CEDA and ACET: Figure 3).
+The noise and the attack are the evaluation's (evaluation.generated_sets: the noise is half
+permuted test images, half uniform, low-passed and rescaled; PGD on the max log-confidence), with
+eps 0.3 and 40 steps of 0.0075 as in the paper's figure. The top row shows the noise with every
+model's prediction under it; then one row per model with the adversarial noise found against that
+model and its prediction (one model: the paper's Figure 2; plain, CEDA and ACET: Figure 3).
 """
 
 import dataclasses
@@ -23,7 +21,6 @@ from matplotlib.figure import Figure
 import numpy as np
 import tensorflow as tf
 
-from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
 from acet_tf import runs
@@ -54,8 +51,7 @@ def noise_images(config, num_images):
     max_examples=num_images,
     options=input_pipeline.options_from_config(config),
   )
-  seed = evaluation.eval_seed(config.seed, evaluation.NOISE_STREAM)
-  noise, labels = next(iter(evaluation.noise_batches(test, seed, config.noise)))
+  noise, labels = evaluation.generated_sets(test, config.seed, config.noise).noise[0]
   return noise, labels
 
 
@@ -67,25 +63,16 @@ def model_row(model, method, label, noise, labels, *, eps, step_size, steps, see
     method: the model's training method; label: the row's longer name (logs, summary).
     noise, labels: float32 [N, H, W, C] in [0, 1] and int32 [N].
     eps, step_size, steps: the attack (max log-confidence, L-inf ball in [0, 1]).
-    seed: int [2] stateless seed of the attack's random start.
+    seed: the run's base seed (config.seed); the attack's random start uses the evaluation's
+      adversarial-noise stream of it (evaluation.generated_sets).
 
   Returns:
     A ModelRow.
   """
   predict = evaluation.make_predict_fn(model)
   batch = [(noise, labels)]
-  adversarial = list(
-    evaluation.attack_batches(
-      model,
-      batch,
-      attacks.max_log_confidence_objective,
-      eps=eps,
-      step_size=step_size,
-      steps=steps,
-      seed=seed,
-      name=f'adversarial noise, {label}',
-    )
-  )
+  attack = evaluation.NoiseAttack(model, eps=eps, step_size=step_size, steps=steps)
+  adversarial = evaluation.generated_sets(None, seed, None, attack, noise=batch).adv_noise
   return ModelRow(
     method=method,
     label=label,
@@ -196,7 +183,7 @@ def make_figure(workdirs, out, *, num_images=8, eps=0.3, step_size=0.0075, steps
         eps=eps,
         step_size=step_size,
         steps=steps,
-        seed=evaluation.eval_seed(config.seed, evaluation.ADV_NOISE_STREAM),
+        seed=config.seed,
       )
     )
   tf.io.gfile.makedirs(os.path.dirname(os.path.abspath(out)))

@@ -112,13 +112,15 @@ def attack_batches(
   for i, (images, labels) in enumerate(batches):
     adv = attack(images, labels, tf.random.experimental.stateless_fold_in(seed, i))
     done += int(adv.shape[0])
+    seconds = time.time() - start
     logging.info(
-      '%s: %d images, %d PGD steps x %d restarts, %.1f s',
+      '%s: %d images, %d PGD steps x %d restarts, %.1f s (%.1f images/s)',
       name,
       done,
       steps,
       restarts,
-      time.time() - start,
+      seconds,
+      done / max(seconds, 1e-9),
     )
     yield adv, labels
 

@@ -141,14 +141,16 @@ def attack_confidences(
       'seconds': time.time() - start,
       'best': first,
     }
+    size, seconds = out[attack.name]['confidence'].size, out[attack.name]['seconds']
     logging.info(
-      '%s/%s: %d points, %d passes each, MMC %.3f, %.1f s',
+      '%s/%s: %d points, %d passes each, MMC %.3f, %.1f s (%.2f points/s)',
       name,
       attack.name,
-      out[attack.name]['confidence'].size,
+      size,
       attack.passes,
       out[attack.name]['confidence'].mean(),
-      out[attack.name]['seconds'],
+      seconds,
+      size / max(seconds, 1e-9),
     )
   return out
 

@@ -99,3 +99,47 @@ def test_works_on_flat_inputs_inside_tf_function():
   fn = tf.function(lambda x: run_pgd(model, x, steps=5, eps=0.1, step_size=0.05))
   u, _ = fn(x0)
   assert u.shape == (32, 2) and np.abs(u.numpy() - x0.numpy()).max() <= 0.1 + 1e-6
+
+
+def _tape_gradient(logits_fn, objective, u):
+  with tf.GradientTape() as tape:
+    tape.watch(u)
+    obj = objective(logits_fn(u), None)
+  return tape.gradient(obj, u)
+
+
+def test_cpu_pass_input_gradient_of_dense_layers_equals_the_tape():
+  # PGD's pass computes MatMul's input gradient as an einsum on CPU (attacks._matmul_grad_cpu):
+  # the same values up to float32 round-off, for every transpose combination.
+  rng = np.random.default_rng(0)
+  u = tf.constant(rng.uniform(size=(6, 40)), tf.float32)
+  w1 = tf.constant(rng.normal(size=(40, 24)), tf.float32)
+  w2 = tf.constant(rng.normal(size=(10, 24)), tf.float32)
+  objective = attacks.max_log_confidence_objective
+  logits_fns = {
+    'plain': lambda x: tf.matmul(tf.nn.relu(tf.matmul(x, w1)), w2, transpose_b=True),
+    'transpose_a': lambda x: tf.matmul(tf.transpose(x), w1, transpose_a=True),
+    'both': lambda x: tf.matmul(
+      tf.transpose(x), tf.transpose(w1), transpose_a=True, transpose_b=True
+    ),
+  }
+  for name, logits_fn in logits_fns.items():
+    fast = attacks.objective_and_input_gradient(logits_fn, objective)
+    obj, grad = fast(u, None)
+    want = _tape_gradient(logits_fn, objective, u)
+    np.testing.assert_allclose(obj, objective(logits_fn(u), None), rtol=1e-6, err_msg=name)
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=name)
+  # The override is in the graph of the pass: the einsum is the formula that ran.
+  fast = attacks.objective_and_input_gradient(logits_fns['plain'], objective)
+  ops = {op.type for op in fast.get_concrete_function(u, None).graph.get_operations()}
+  assert 'Einsum' in ops
+
+
+def test_keras_dense_model_pass_matches_the_tape():
+  model = small_model(3)
+  u = tf.random.stateless_uniform([5, 8, 8, 1], seed=[2, 3])
+  logits_fn = lambda x: model(x, training=False)
+  objective = attacks.max_log_confidence_objective
+  _, grad = attacks.objective_and_input_gradient(logits_fn, objective)(u, None)
+  want = _tape_gradient(logits_fn, objective, u)
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

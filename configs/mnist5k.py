@@ -9,7 +9,7 @@ PGD steps for time: 10 steps of 0.03 in the same eps = 0.3 ball, which still cov
 (steps x step size = eps, the reference's rule). The paper configs keep 40 x 0.0075.
 
 Measured on a 2-core CPU (test error; MMC on noise / on 200-step adversarial noise): plain 3.1%,
-0.52 / 1.00; CEDA 2.2%, 0.10 / 0.70; ACET 3.0%, 0.10 / 0.24. Wall time on an idle machine about
+0.52 / 1.00; CEDA 2.2%, 0.10 / 0.70; ACET 3.3%, 0.10 / 0.22. Wall time on an idle machine about
 1.5 min for plain and CEDA and 3 min for ACET; README gives the figures of the latest measurement.
 """
 

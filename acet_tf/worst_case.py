@@ -141,16 +141,16 @@ def attack_confidences(
       'seconds': time.time() - start,
       'best': first,
     }
-    size, seconds = out[attack.name]['confidence'].size, out[attack.name]['seconds']
+    entry = out[attack.name]
     logging.info(
       '%s/%s: %d points, %d passes each, MMC %.3f, %.1f s (%.2f points/s)',
       name,
       attack.name,
-      size,
+      entry['confidence'].size,
       attack.passes,
-      out[attack.name]['confidence'].mean(),
-      seconds,
-      size / max(seconds, 1e-9),
+      entry['confidence'].mean(),
+      entry['seconds'],
+      entry['confidence'].size / max(entry['seconds'], 1e-9),
     )
   return out
 

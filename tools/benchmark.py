@@ -156,17 +156,21 @@ def peak_rss_mb():
   return round(peak / (2**20 if sys.platform == 'darwin' else 2**10))
 
 
+_RESIDENT_FIELDS = {'RssAnon': 'rss_anon_mb', 'RssFile': 'rss_file_mb'}  # /proc/self/status.
+
+
 def resident_split_mb():
   """{'rss_anon_mb', 'rss_file_mb'} now (Linux; {} elsewhere): the process's own memory vs the
   pages of mapped files, mostly TensorFlow's shared libraries (shared and reclaimable)."""
   try:
     with open('/proc/self/status') as f:
-      fields = dict(line.split(':', 1) for line in f if line.startswith(('RssAnon', 'RssFile')))
+      lines = [line.split(':', 1) for line in f]
   except OSError:
     return {}
   return {
-    f'{k.lower()[:3]}_{k[3:].lower()}_mb': round(int(v.split()[0]) / 1024)
-    for k, v in fields.items()
+    _RESIDENT_FIELDS[key]: round(int(value.split()[0]) / 1024)  # Reported in kB.
+    for key, value in lines
+    if key in _RESIDENT_FIELDS
   }
 
 

@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from acet_tf import batch_random
+from acet_tf import cpu_backend
 from acet_tf import losses
 
 
@@ -109,8 +110,45 @@ def _matmul_grad_cpu(op, grad):
 
 
 def _on_cpu_only():
-  """True without GPUs and TPUs: the oneDNN workarounds below are for CPU kernels only."""
+  """True without GPUs and TPUs: the CPU workarounds below are for CPU kernels only."""
   return not (tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('TPU'))
+
+
+# What PGD's pass on CPU does beyond the plain tape, by the CPU kernels TensorFlow runs
+# (cpu_backend.kernel_library): 'noinline', the pass as its own function; 'conv',
+# _conv2d_grad_cpu; 'matmul', _matmul_grad_cpu. All compute the same values up to float32
+# round-off. Each is kept only where it was measured to help, on the LeNet ACET step (BUILD.md,
+# "Performance", 7 December): on oneDNN's AVX-512 kernels together 1.25-1.45x the tape, on its
+# AVX2 kernels 1.03-1.19x; on Eigen's kernels no gain (0.9-1.06x), so the tape, as on kernels
+# not measured.
+CPU_PASS_FEATURES = ('noinline', 'conv', 'matmul')
+_CPU_PASS_BY_LIBRARY = {
+  'onednn_avx512': frozenset(CPU_PASS_FEATURES),
+  'onednn_avx2': frozenset(CPU_PASS_FEATURES),
+}
+_forced_cpu_pass = None
+
+
+def force_cpu_pass(features):
+  """Makes PGD's CPU pass use exactly `features` (a subset of CPU_PASS_FEATURES); None: auto.
+
+  For the benchmark and the tests, which compare the variants; takes effect for passes built
+  after the call.
+  """
+  global _forced_cpu_pass
+  if features is not None:
+    unknown = set(features) - set(CPU_PASS_FEATURES)
+    if unknown:
+      raise ValueError(f'unknown PGD pass features {sorted(unknown)}; known: {CPU_PASS_FEATURES}')
+    features = frozenset(features)
+  _forced_cpu_pass = features
+
+
+def cpu_pass_features():
+  """The features of PGD's CPU pass: forced, or chosen from the kernels TensorFlow runs."""
+  if _forced_cpu_pass is not None:
+    return _forced_cpu_pass
+  return _CPU_PASS_BY_LIBRARY.get(cpu_backend.kernel_library(), frozenset())
 
 
 def _unit_logit_gradient(logits):
@@ -145,8 +183,9 @@ def objective_and_input_gradient(logits_fn, objective):
   Only the input is differentiated: no gradient is computed for the weights. Examples are
   independent, so the gradient of the sum is the per-example gradient.
 
-  On CPU, two performance changes that compute the same values up to float32 summation order
-  (BUILD.md, "Performance"):
+  On CPU, performance changes that compute the same values up to float32 summation order, each
+  where it helps on the kernel library TensorFlow runs (cpu_pass_features; BUILD.md,
+  "Performance"):
   - The pass is its own (not inlined) function. Inlined into PGD's while loop, oneDNN's graph
     rewrite mostly leaves MaxPoolGrad on the slow Eigen kernel (a fifth of LeNet's PGD step;
     which ones it rewrites varies from run to run); as its own function body it always gets
@@ -167,14 +206,22 @@ def objective_and_input_gradient(logits_fn, objective):
       obj = objective(rescale(logits_fn(u)), labels)
     return obj, tape.gradient(obj, u)
 
+  if not _on_cpu_only():
+    return tape_pass
+  features = cpu_pass_features()
+  overrides = {}
+  if 'conv' in features:
+    overrides['Conv2D'] = _CONV2D_GRAD_CPU
+  if 'matmul' in features:
+    overrides['MatMul'] = _MATMUL_GRAD_CPU
+
   def cpu_pass(u, labels):
-    overrides = {'Conv2D': _CONV2D_GRAD_CPU, 'MatMul': _MATMUL_GRAD_CPU}
     with tf.compat.v1.get_default_graph().gradient_override_map(overrides):
       obj = objective(rescale(logits_fn(u)), labels)
     return obj, tf.gradients(obj, u)[0]
 
-  if not _on_cpu_only():
-    return tape_pass
+  if 'noinline' not in features:
+    return cpu_pass if overrides else tape_pass
   return tf.function(cpu_pass, autograph=False, experimental_attributes={'_noinline': True})
 
 

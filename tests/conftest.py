@@ -5,13 +5,17 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import pytest  # noqa: E402 (TF must see the environment variable first)
+# acet_tf first: it chooses TensorFlow's CPU kernels before TensorFlow is imported (cpu_backend).
+import acet_tf  # noqa: E402, F401, I001
+import pytest  # noqa: E402 (TF must see the environment variables first)
 import tensorflow as tf  # noqa: E402
 
+from acet_tf import attacks  # noqa: E402
 from acet_tf import exporter  # noqa: E402
 from acet_tf import runs  # noqa: E402
 from acet_tf import trainer  # noqa: E402
 from configs import mnist5k  # noqa: E402
+from tests import support  # noqa: E402
 
 _cpus = tf.config.list_physical_devices('CPU')
 tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -55,3 +59,12 @@ def exported_run(tmp_path_factory):
     demo=str(base / 'demo.json'),
     model=model,
   )
+
+
+@pytest.fixture
+def cpu_pass(request):
+  """Forces PGD's CPU pass to request.param ('tape' or features joined by '+'), then auto."""
+  variant = getattr(request, 'param', support.ALL_CPU_PASS_FEATURES)
+  attacks.force_cpu_pass([] if variant == 'tape' else variant.split('+'))
+  yield variant
+  attacks.force_cpu_pass(None)

@@ -9,8 +9,15 @@ import time
 import numpy as np
 import pytest
 
+from acet_tf import attacks
 from acet_tf import evaluation
 from acet_tf import input_pipeline
+
+# PGD's CPU pass variants (attacks.CPU_PASS_FEATURES; the conftest fixture `cpu_pass` forces one):
+# the automatic choice differs between kernel libraries (oneDNN, Eigen), so a test of a variant
+# names it.
+ALL_CPU_PASS_FEATURES = '+'.join(attacks.CPU_PASS_FEATURES)
+CPU_PASS_VARIANTS = ['tape', 'noinline', 'noinline+conv', 'noinline+matmul', ALL_CPU_PASS_FEATURES]
 
 
 def keras_outputs(model, images, threshold):

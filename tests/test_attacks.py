@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from acet_tf import attacks
@@ -108,7 +109,7 @@ def _tape_gradient(logits_fn, objective, u):
   return tape.gradient(obj, u)
 
 
-def test_cpu_pass_input_gradient_of_dense_layers_equals_the_tape():
+def test_cpu_pass_input_gradient_of_dense_layers_equals_the_tape(cpu_pass):
   # PGD's pass computes MatMul's input gradient as an einsum on CPU (attacks._matmul_grad_cpu):
   # the same values up to float32 round-off, for every transpose combination.
   rng = np.random.default_rng(0)
@@ -135,7 +136,8 @@ def test_cpu_pass_input_gradient_of_dense_layers_equals_the_tape():
   assert 'Einsum' in ops
 
 
-def test_keras_dense_model_pass_matches_the_tape():
+@pytest.mark.parametrize('cpu_pass', ['tape', 'noinline+matmul'], indirect=True)
+def test_keras_dense_model_pass_matches_the_tape(cpu_pass):
   model = small_model(3)
   u = tf.random.stateless_uniform([5, 8, 8, 1], seed=[2, 3])
   logits_fn = lambda x: model(x, training=False)

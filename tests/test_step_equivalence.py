@@ -20,6 +20,7 @@ from acet_tf import models
 from acet_tf import reference_checkpoints
 from acet_tf import train_step
 from configs import common
+from tests import support
 
 BATCH = 8
 LEARNING_RATE = 0.01
@@ -190,7 +191,10 @@ def project_step(config, weights, images, labels):
     ('preact_resnet', 'acet', 2, 0.1),
   ],
 )
-def test_project_step_equals_the_reference_step(model_name, method, pgd_steps, step_size):
+@pytest.mark.parametrize('cpu_pass', support.CPU_PASS_VARIANTS, indirect=True)
+def test_project_step_equals_the_reference_step(model_name, method, pgd_steps, step_size, cpu_pass):
+  if method != 'acet' and cpu_pass != support.ALL_CPU_PASS_FEATURES:
+    pytest.skip('no PGD in this step: the pass variant does not apply')
   config = make_config(model_name, method, pgd_steps, step_size)
   images, labels = batch_of_images(INPUT_SHAPES[model_name])
   keras.utils.set_random_seed(0)
@@ -210,8 +214,9 @@ def test_project_step_equals_the_reference_step(model_name, method, pgd_steps, s
     np.testing.assert_allclose(got - w0, want - w0, rtol=1e-3, atol=atol)
 
 
+@pytest.mark.parametrize('cpu_pass', support.CPU_PASS_VARIANTS, indirect=True)
 @pytest.mark.parametrize('steps,step_size', [(8, 0.04), (3, 0.6)])
-def test_project_attack_equals_the_reference_attack(steps, step_size):
+def test_project_attack_equals_the_reference_attack(steps, step_size, cpu_pass):
   config = make_config('lenet', 'acet', steps, step_size)
   images, _ = batch_of_images((28, 28, 1))
   keras.utils.set_random_seed(1)
@@ -242,7 +247,7 @@ def test_project_attack_equals_the_reference_attack(steps, step_size):
     assert not np.allclose(want, last)
 
 
-def test_cpu_input_gradient_takes_the_fast_path_and_matches_the_tape():
+def test_cpu_input_gradient_takes_the_fast_path_and_matches_the_tape(cpu_pass):
   # One-channel 5x5 'same' convolution (the fast path), then ones the fast path must leave to
   # TensorFlow's kernels: grouped (Keras runs it in a nested XLA function on CPU), strided
   # 'valid', and multi-channel.

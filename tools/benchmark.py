@@ -36,6 +36,7 @@ import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from acet_tf import attacks
+from acet_tf import cpu_backend
 from acet_tf import models
 from acet_tf import noise as noise_lib
 from acet_tf import scaling
@@ -62,6 +63,12 @@ _ATTACK = flags.DEFINE_bool('attack', True, 'Also time PGD alone (one line per m
 _TABLE2 = flags.DEFINE_bool('table2', True, "With the attack line, also time Table 2's search.")
 _INTRA = flags.DEFINE_integer('intra_op_threads', 0, 'TF intra-op threads (0: TF default).')
 _INTER = flags.DEFINE_integer('inter_op_threads', 0, 'TF inter-op threads (0: TF default).')
+_PGD_PASS = flags.DEFINE_string(
+  'pgd_pass',
+  'auto',
+  "PGD's CPU pass: 'auto' (chosen from the kernel library), 'tape', or features joined by '+' "
+  f'from {"/".join(attacks.CPU_PASS_FEATURES)} (attacks.force_cpu_pass).',
+)
 _PROFILE = flags.DEFINE_integer(
   'profile', 0, 'Instead of timing: op time by op type of each step case, this many op types.'
 )
@@ -175,13 +182,18 @@ def resident_split_mb():
 
 
 def _environment():
-  """What the figures depend on besides the case: versions and thread settings."""
+  """What the figures depend on besides the case: the CPU, its kernels, versions, threads."""
   return dict(
+    cpu=cpu_backend.cpu_model(),
+    cpu_vector=cpu_backend.vector_extensions(),
+    onednn=cpu_backend.onednn_enabled(),
+    # Where set, oneDNN's own cap on the instructions its kernels use (e.g. AVX2).
+    onednn_max_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', ''),
+    pgd_cpu_pass='+'.join(sorted(attacks.cpu_pass_features())) or 'tape',
     tf=tf.__version__,
     keras=keras.__version__,
     intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
     inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
-    onednn=os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default'),
   )
 
 
@@ -288,6 +300,8 @@ def profile_train_step(config, strategy, calls=2, warmup=2, top=25):
   steps = calls * config.steps_per_call
   total_ms = sum(ms for ms, _ in times.values())
   case = dict(case='profile', model=config.model, method=config.method, batch=config.batch_size)
+  env = _environment()
+  case.update(cpu=env['cpu'], cpu_vector=env['cpu_vector'], onednn=env['onednn'])
   lines = [dict(case, wall_ms_per_step=round(wall_s * 1e3 / steps), op_ms=round(total_ms / steps))]
   for op_type, (ms, count) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:
     lines.append(
@@ -461,6 +475,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   setup_devices(_REPLICAS.value, _INTRA.value, _INTER.value)
+  if _PGD_PASS.value != 'auto':
+    attacks.force_cpu_pass([] if _PGD_PASS.value == 'tape' else _PGD_PASS.value.split('+'))
   run(
     _MODEL.value,
     _METHOD.value,

@@ -118,9 +118,10 @@ def _on_cpu_only():
 # (cpu_backend.kernel_library): 'noinline', the pass as its own function; 'conv',
 # _conv2d_grad_cpu; 'matmul', _matmul_grad_cpu. All compute the same values up to float32
 # round-off. Each is kept only where it was measured to help, on the LeNet ACET step (BUILD.md,
-# "Performance", 7 December): on oneDNN's AVX-512 kernels together 1.25-1.45x the tape, on its
-# AVX2 kernels 1.03-1.19x; on Eigen's kernels no gain (0.9-1.06x), so the tape, as on kernels
-# not measured.
+# "Performance", AMD EPYC Zen 4, 7 December; the AVX2 kernels via ONEDNN_MAX_CPU_ISA=AVX2):
+# together, on oneDNN's AVX-512 kernels 1.46-1.64x the tape's images/s; on its AVX2 kernels
+# 1.02-1.06x (5-9% less CPU time); on Eigen's kernels 0.87-0.94x, so Eigen gets the plain tape,
+# as do kernels not measured.
 CPU_PASS_FEATURES = ('noinline', 'conv', 'matmul')
 _CPU_PASS_BY_LIBRARY = {
   'onednn_avx512': frozenset(CPU_PASS_FEATURES),

@@ -131,12 +131,15 @@ _forced_cpu_pass = None
 
 
 def force_cpu_pass(features):
-  """Makes PGD's CPU pass use exactly `features` (a subset of CPU_PASS_FEATURES); None: auto.
+  """Makes PGD's CPU pass use exactly `features`; None: chosen automatically again.
 
-  For the benchmark and the tests, which compare the variants; takes effect for passes built
-  after the call.
+  `features` is a subset of CPU_PASS_FEATURES, or a variant's name: 'tape' (none) or features
+  joined by '+' ('noinline+conv'). For the benchmark and the tests, which compare the variants;
+  takes effect for passes built after the call.
   """
   global _forced_cpu_pass
+  if isinstance(features, str):
+    features = [] if features == 'tape' else features.split('+')
   if features is not None:
     unknown = set(features) - set(CPU_PASS_FEATURES)
     if unknown:

@@ -15,6 +15,7 @@ TensorFlow before acet_tf gets TensorFlow's own default and a warning saying how
 This module must not import TensorFlow at module level: importing it is what must come after.
 """
 
+import functools
 import os
 import platform
 import sys
@@ -48,10 +49,9 @@ def configure(environ=None, modules=None, machine=None):
   """
   environ = os.environ if environ is None else environ
   modules = sys.modules if modules is None else modules
-  machine = (platform.machine() if machine is None else machine).lower()
   if ONEDNN_VAR in environ:
     return 'user'
-  if machine not in _X86_64:
+  if not on_x86_64(machine):
     return 'not_x86_64'
   if 'tensorflow' in modules:
     if not onednn_enabled():
@@ -64,6 +64,11 @@ def configure(environ=None, modules=None, machine=None):
     return 'too_late'
   environ[ONEDNN_VAR] = '1'
   return 'set'
+
+
+def on_x86_64(machine=None):
+  """Whether `machine` (default: this one's `platform.machine()`) is x86-64."""
+  return (platform.machine() if machine is None else machine).lower() in _X86_64
 
 
 def onednn_enabled():
@@ -90,7 +95,7 @@ def kernel_library():
   cap = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
   if 'AVX-512F' in extensions and cap.startswith(_AVX512_ISA_CAPS):
     return 'onednn_avx512'
-  if 'AVX2' in extensions and (cap.startswith(_AVX512_ISA_CAPS) or cap.startswith('AVX2')):
+  if 'AVX2' in extensions and cap.startswith((*_AVX512_ISA_CAPS, 'AVX2')):
     return 'onednn_avx2'
   return 'onednn'
 
@@ -115,13 +120,21 @@ def vector_extensions():
 
 
 def _cpuinfo_field(name):
-  """The first value of `name` in /proc/cpuinfo, or None where there is none (not Linux)."""
+  """The value of `name` for the first CPU in /proc/cpuinfo, or None (absent, or not Linux)."""
+  return _first_cpuinfo().get(name)
+
+
+@functools.cache
+def _first_cpuinfo():
+  """The fields of the first CPU in /proc/cpuinfo, read once; {} where there is no such file."""
+  fields = {}
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
+        if not line.strip():
+          break  # The end of the first CPU's block.
         key, _, value = line.partition(':')
-        if key.strip() == name:
-          return value.strip()
+        fields.setdefault(key.strip(), value.strip())
   except OSError:
-    return None
-  return None
+    return {}
+  return fields

@@ -65,6 +65,6 @@ def exported_run(tmp_path_factory):
 def cpu_pass(request):
   """Forces PGD's CPU pass to request.param ('tape' or features joined by '+'), then auto."""
   variant = getattr(request, 'param', support.ALL_CPU_PASS_FEATURES)
-  attacks.force_cpu_pass([] if variant == 'tape' else variant.split('+'))
+  attacks.force_cpu_pass(variant)
   yield variant
   attacks.force_cpu_pass(None)

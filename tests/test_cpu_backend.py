@@ -70,9 +70,7 @@ def _onednn_state_after(module, env_value):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-  cpu_backend.platform.machine().lower() not in ('x86_64', 'amd64'), reason='x86-64 only'
-)
+@pytest.mark.skipif(not cpu_backend.on_x86_64(), reason='x86-64 only')
 @pytest.mark.parametrize('module', ['acet_tf.train', 'acet_tf.evaluate', 'tools.benchmark'])
 def test_binaries_turn_onednn_on_unless_the_user_said_otherwise(module):
   assert _onednn_state_after(module, None) == ['1', 'True']
@@ -82,7 +80,7 @@ def test_binaries_turn_onednn_on_unless_the_user_said_otherwise(module):
 def test_this_test_process_runs_the_intended_kernels():
   # conftest.py imports acet_tf before TensorFlow, as the binaries do.
   want = os.environ.get(VAR) not in ('0', 'false', 'False')
-  if cpu_backend.platform.machine().lower() in ('x86_64', 'amd64'):
+  if cpu_backend.on_x86_64():
     assert cpu_backend.onednn_enabled() == want
 
 

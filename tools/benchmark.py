@@ -476,7 +476,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   setup_devices(_REPLICAS.value, _INTRA.value, _INTER.value)
   if _PGD_PASS.value != 'auto':
-    attacks.force_cpu_pass([] if _PGD_PASS.value == 'tape' else _PGD_PASS.value.split('+'))
+    attacks.force_cpu_pass(_PGD_PASS.value)
   run(
     _MODEL.value,
     _METHOD.value,

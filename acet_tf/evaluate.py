@@ -5,18 +5,18 @@
   python -m acet_tf.evaluate --workdir=runs/mnist5k_acet --config=configs/eval.py:strong
   python -m acet_tf.evaluate --saved_model=exports/mnist5k_acet --output_dir=/tmp/eval_export
 
-A thin binary: flags (or an evaluation config, configs/eval.py) -> eval_settings.Settings ->
-evaluator.evaluate_run (see acet_tf/evaluator.py for what it writes).
+A thin binary: flags (or an evaluation config, configs/eval.py) -> settings_lib.Settings ->
+evaluator.evaluate_run (see acet_tf/evaluation/evaluator.py for what it writes).
 """
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from acet_tf import eval_report
-from acet_tf import eval_settings
-from acet_tf import evaluator
-from acet_tf import out_datasets
+from acet_tf.data import out_datasets
+from acet_tf.evaluation import evaluator
+from acet_tf.evaluation import reporting
+from acet_tf.evaluation import settings as settings_lib
 
 _WORKDIR = flags.DEFINE_string(
   'workdir',
@@ -95,7 +95,7 @@ def _flag_value(name):
   if name == 'sets':
     return tuple(value)
   if name == 'image_dirs':
-    return eval_settings.parse_image_dirs(value)
+    return settings_lib.parse_image_dirs(value)
   return value
 
 
@@ -108,9 +108,9 @@ def main(argv):
     given = {
       field: _flag_value(name) for name, field in _OVERRIDES.items() if flags.FLAGS[name].present
     }
-    settings = eval_settings.settings_from_config(_EVAL_CONFIG.value, **given)
+    settings = settings_lib.settings_from_config(_EVAL_CONFIG.value, **given)
   else:  # Today's flags alone: the paper's protocol.
-    settings = eval_settings.Settings(
+    settings = settings_lib.Settings(
       **{field: _flag_value(name) for name, field in _OVERRIDES.items()}
     )
   results = evaluator.evaluate_run(
@@ -120,7 +120,7 @@ def main(argv):
     dataset=_DATASET.value,
     output_dir=_OUTPUT_DIR.value,
   )
-  print(eval_report.format_table(results))
+  print(reporting.format_table(results))
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@
   python -m acet_tf.export --workdir=runs/mnist5k_acet --export_dir=exports/mnist5k_acet \
       --threshold=auto
 
-A thin binary: flags -> exporter.export_model (acet_tf/exporter.py says what is written).
+A thin binary: flags -> exporter.export_model (acet_tf/exporting/exporter.py says what is written).
 """
 
 import json
@@ -11,7 +11,7 @@ import json
 from absl import app
 from absl import flags
 
-from acet_tf import exporter
+from acet_tf.exporting import exporter
 
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'The run to export (its config.json and latest checkpoint).'

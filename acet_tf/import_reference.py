@@ -22,7 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections.config_flags import config_flags  # ConfigFileFlagParser: --config's parser.
 
-from acet_tf import reference_checkpoints
+from acet_tf.reference import authors_checkpoints
 
 # acet_tf dataset -> its config file under configs/.
 CONFIG_FILES = {
@@ -73,13 +73,13 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not _CHECKPOINT.value or not _WORKDIR.value:
     raise app.UsageError('--checkpoint and --workdir are required.')
-  dataset, method, run_name = reference_checkpoints.resolve(
+  dataset, method, run_name = authors_checkpoints.resolve(
     _CHECKPOINT.value, _DATASET.value, _METHOD.value, _RUN_NAME.value
   )
   if dataset not in CONFIG_FILES and not _CONFIG_FILE.value:
     raise app.UsageError(f'No config file known for dataset {dataset!r}; pass --config_file.')
   config, spec = paper_config(dataset, method, _CONFIG_FILE.value)
-  _, step, path = reference_checkpoints.import_checkpoint(
+  _, step, path = authors_checkpoints.import_checkpoint(
     _CHECKPOINT.value,
     _WORKDIR.value,
     config,

@@ -3,13 +3,13 @@
   python -m acet_tf.serve --export_dir=exports/mnist5k_acet --model_name=mnist5k_acet \
       [--enable_batching] [--keep_versions=2] [--file_system_poll_wait_seconds=1]
 
-A thin binary: flags -> server.create_app and server.serve (acet_tf/server.py has the API).
+A thin binary: flags -> rest_app.create_app and rest_app.serve (acet_tf/rest_app.py has the API).
 """
 
 from absl import app
 from absl import flags
 
-from acet_tf import server
+from acet_tf.serving import rest_app
 
 _EXPORT_DIR = flags.DEFINE_string(
   'export_dir', None, 'Base directory of an export (versions below it).'
@@ -46,7 +46,7 @@ _HTTP_THREADS = flags.DEFINE_integer(
 )
 _SOCKET_TIMEOUT = flags.DEFINE_integer(
   'socket_timeout_seconds',
-  server.SOCKET_TIMEOUT_S,
+  rest_app.SOCKET_TIMEOUT_S,
   'A client silent this long (mid-request or idle) is disconnected.',
 )
 
@@ -64,7 +64,7 @@ def main(argv):
       'num_batch_threads': _BATCH_THREADS.value,
       'max_enqueued_batches': _BATCH_QUEUE.value,
     }
-  rest = server.create_app(
+  rest = rest_app.create_app(
     _EXPORT_DIR.value,
     _MODEL_NAME.value,
     threshold=_THRESHOLD.value,
@@ -75,13 +75,13 @@ def main(argv):
     batching=batching,
     tune_gc=True,
   )
-  server.serve(
+  rest_app.serve(
     rest,
     _HOST.value,
     _PORT.value,
     num_threads=_HTTP_THREADS.value,
     socket_timeout_s=_SOCKET_TIMEOUT.value,
-    on_stop=lambda: server.close_app(rest),
+    on_stop=lambda: rest_app.close_app(rest),
     description=(
       f'model {_MODEL_NAME.value!r} version(s) {rest.versions.versions} '
       f'from {_EXPORT_DIR.value}, threshold {rest.model.threshold:.6f}, '

@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from acet_tf import trainer
+from acet_tf.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file and argument.', lock_config=True

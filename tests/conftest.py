@@ -10,11 +10,11 @@ import acet_tf  # noqa: E402, F401, I001
 import pytest  # noqa: E402 (TF must see the environment variables first)
 import tensorflow as tf  # noqa: E402
 
-from acet_tf import attacks  # noqa: E402
-from acet_tf import exporter  # noqa: E402
-from acet_tf import runs  # noqa: E402
-from acet_tf import trainer  # noqa: E402
-from configs import mnist5k  # noqa: E402
+from acet_tf.ops import pgd  # noqa: E402
+from acet_tf.exporting import exporter  # noqa: E402
+from acet_tf.artifacts import runs  # noqa: E402
+from acet_tf.training import trainer  # noqa: E402
+from acet_tf.configs import mnist5k  # noqa: E402
 from tests import support  # noqa: E402
 
 _cpus = tf.config.list_physical_devices('CPU')
@@ -65,6 +65,6 @@ def exported_run(tmp_path_factory):
 def cpu_pass(request):
   """Forces PGD's CPU pass to request.param ('tape' or features joined by '+'), then auto."""
   variant = getattr(request, 'param', support.ALL_CPU_PASS_FEATURES)
-  attacks.force_cpu_pass(variant)
+  pgd.force_cpu_pass(variant)
   yield variant
-  attacks.force_cpu_pass(None)
+  pgd.force_cpu_pass(None)

@@ -109,9 +109,9 @@ def test_kernel_library_follows_onednn_the_cpu_and_the_isa_cap(
 
 
 def test_pgd_cpu_pass_workarounds_only_on_the_kernels_they_were_measured_on(monkeypatch):
-  from acet_tf import attacks  # noqa: PLC0415 (imports TensorFlow)
+  from acet_tf.ops import pgd  # noqa: PLC0415 (imports TensorFlow)
 
-  every = set(attacks.CPU_PASS_FEATURES)
+  every = set(pgd.CPU_PASS_FEATURES)
   for library, want in [
     ('onednn_avx512', every),
     ('onednn_avx2', every),
@@ -119,11 +119,11 @@ def test_pgd_cpu_pass_workarounds_only_on_the_kernels_they_were_measured_on(monk
     ('onednn', set()),  # Not measured: the plain tape.
   ]:
     monkeypatch.setattr(cpu_backend, 'kernel_library', lambda library=library: library)
-    assert set(attacks.cpu_pass_features()) == want, library
-  attacks.force_cpu_pass(['conv'])
+    assert set(pgd.cpu_pass_features()) == want, library
+  pgd.force_cpu_pass(['conv'])
   try:
-    assert set(attacks.cpu_pass_features()) == {'conv'}
+    assert set(pgd.cpu_pass_features()) == {'conv'}
   finally:
-    attacks.force_cpu_pass(None)
+    pgd.force_cpu_pass(None)
   with pytest.raises(ValueError, match='unknown PGD pass features'):
-    attacks.force_cpu_pass(['fast'])
+    pgd.force_cpu_pass(['fast'])

@@ -14,23 +14,23 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from acet_tf import attacks
-from acet_tf import evaluation
-from acet_tf import noise as noise_lib
-from acet_tf import runs
+from acet_tf.artifacts import runs
+from acet_tf.evaluation import predictions as predictions_lib
+from acet_tf.ops import noise as noise_lib
+from acet_tf.ops import pgd
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'An acet_tf run.')
 _POINTS = flags.DEFINE_integer('points', 100, 'Noise images per start.')
 
 
 def mmc_after_attack(model, images, seed):
-  predict = evaluation.make_predict_fn(model)
+  predict = predictions_lib.make_predict_fn(model)
   batches = [(tf.constant(images), tf.zeros([len(images)], tf.int32))]
   adv = list(
-    evaluation.attack_batches(
+    predictions_lib.attack_batches(
       model,
       batches,
-      attacks.max_log_confidence_objective,
+      pgd.max_log_confidence_objective,
       eps=0.3,
       step_size=0.0075,
       steps=200,
@@ -38,7 +38,7 @@ def mmc_after_attack(model, images, seed):
       name='adv_noise',
     )
   )
-  return float(evaluation.predict_batches(predict, adv).confidence.mean())
+  return float(predictions_lib.predict_batches(predict, adv).confidence.mean())
 
 
 def main(argv):

@@ -35,13 +35,13 @@ import keras
 import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-from acet_tf import attacks
 from acet_tf import cpu_backend
 from acet_tf import models
-from acet_tf import noise as noise_lib
-from acet_tf import scaling
-from acet_tf import train_step
-from configs import common
+from acet_tf.configs import common
+from acet_tf.evaluation import alpha_search
+from acet_tf.ops import noise as noise_lib
+from acet_tf.ops import pgd
+from acet_tf.training import train_step
 
 _MODEL = flags.DEFINE_list('model', ['lenet'], 'Models: lenet, preact_resnet, resnet18.')
 _METHOD = flags.DEFINE_list('method', ['plain', 'ceda', 'acet'], 'Methods: plain, ceda, acet.')
@@ -67,7 +67,7 @@ _PGD_PASS = flags.DEFINE_string(
   'pgd_pass',
   'auto',
   "PGD's CPU pass: 'auto' (chosen from the kernel library), 'tape', or features joined by '+' "
-  f'from {"/".join(attacks.CPU_PASS_FEATURES)} (attacks.force_cpu_pass).',
+  f'from {"/".join(pgd.CPU_PASS_FEATURES)} (pgd.force_cpu_pass).',
 )
 _PROFILE = flags.DEFINE_integer(
   'profile', 0, 'Instead of timing: op time by op type of each step case, this many op types.'
@@ -189,7 +189,7 @@ def _environment():
     onednn=cpu_backend.onednn_enabled(),
     # Where set, oneDNN's own cap on the instructions its kernels use (e.g. AVX2).
     onednn_max_isa=os.environ.get('ONEDNN_MAX_CPU_ISA', ''),
-    pgd_cpu_pass='+'.join(sorted(attacks.cpu_pass_features())) or 'tape',
+    pgd_cpu_pass='+'.join(sorted(pgd.cpu_pass_features())) or 'tape',
     tf=tf.__version__,
     keras=keras.__version__,
     intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
@@ -319,26 +319,26 @@ def profile_train_step(config, strategy, calls=2, warmup=2, top=25):
 def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=True):
   """Times PGD and Table 2's search on B noise images against the passes they need. Returns a dict.
 
-  The training attack is attacks.pgd as train_step calls it (models.inference_logits_fn: the
+  The training attack is pgd.pgd as train_step calls it (models.inference_logits_fn: the
   ResNet's folded batch norm), evaluation's as evaluation.attack_batches calls it
   (model(u, training=False)): the max log-confidence objective, random start, config.pgd's eps
   and step for the first, config.eval.adv_noise_* with `eval_steps` steps for the second. Each
   is compared with the passes it needs, timed alone with the same logits function: `steps`
   forward + input-gradient passes and 2 forwards (`*_over_passes`; 1.0 = no overhead; restarts
-  repeat the attack, so they have the same ratio). Table 2's search (scaling.make_alpha_search)
+  repeat the attack, so they have the same ratio). Table 2's search (alpha_search.make_alpha_search)
   is compared with as many forwards as it runs (counted in-graph on one call).
   """
   model, _ = build(config, tf.distribute.get_strategy())
   images, _ = synthetic_batch(config)
   x0 = noise_lib.make_noise(images, tf.constant([0, 3], tf.int64), config.noise)
   seed = tf.constant([0, 4], tf.int64)
-  objective = attacks.max_log_confidence_objective
+  objective = pgd.max_log_confidence_objective
   fns = {'train': models.inference_logits_fn(model), 'eval': lambda u: model(u, training=False)}
   jit = config.jit_compile
 
   def attack_fn(logits_fn, eps, step_size, steps):
     return tf.function(
-      lambda x: attacks.pgd(
+      lambda x: pgd.pgd(
         logits_fn,
         x,
         objective,
@@ -381,9 +381,9 @@ def time_attack(config, eval_steps=200, reps=5, min_rep_s=1.0, warmup=2, table2=
     if n <= 0:
       continue
     logits_fn = fns[name]
-    # The passes as PGD runs them (attacks.objective_and_input_gradient, CPU fast paths).
+    # The passes as PGD runs them (pgd.objective_and_input_gradient, CPU fast paths).
     grad_pass = tf.function(
-      lambda x, f=logits_fn: attacks.objective_and_input_gradient(f, objective)(x, None)[1],
+      lambda x, f=logits_fn: pgd.objective_and_input_gradient(f, objective)(x, None)[1],
       jit_compile=jit,
     )
     forward = tf.function(lambda x, f=logits_fn: objective(f(x), None), jit_compile=jit)
@@ -413,9 +413,9 @@ def time_table2(model, x0, reps):
     return forward(x)
 
   # The search as evaluate.py runs it (settings' defaults), on the benchmark's noise batch.
-  tf.function(scaling.make_alpha_search(counting_forward))(x0)
+  tf.function(alpha_search.make_alpha_search(counting_forward))(x0)
   num_forwards = int(calls.numpy())
-  search = scaling.make_alpha_search(forward)
+  search = alpha_search.make_alpha_search(forward)
   fwd_s = _median_seconds(lambda: forward(x0).numpy(), reps, 1.0, 2)[0]
   search_s = _median_seconds(lambda: search(x0)[0].numpy(), reps, 0.0, 1)[0]
   return dict(
@@ -476,7 +476,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   setup_devices(_REPLICAS.value, _INTRA.value, _INTER.value)
   if _PGD_PASS.value != 'auto':
-    attacks.force_cpu_pass(_PGD_PASS.value)
+    pgd.force_cpu_pass(_PGD_PASS.value)
   run(
     _MODEL.value,
     _METHOD.value,

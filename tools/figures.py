@@ -4,7 +4,7 @@
   python -m tools.figures --workdir=runs/mnist5k_plain,runs/mnist5k_ceda,runs/mnist5k_acet \
       --out=/tmp/adversarial_noise.png
 
-The noise and the attack are the evaluation's (evaluation.generated_sets: the noise is half
+The noise and the attack are the evaluation's (predictions_lib.generated_sets: the noise is half
 permuted test images, half uniform, low-passed and rescaled; PGD on the max log-confidence), with
 eps 0.3 and 40 steps of 0.0075 as in the paper's figure. The top row shows the noise with every
 model's prediction under it; then one row per model with the adversarial noise found against that
@@ -21,9 +21,9 @@ from matplotlib.figure import Figure
 import numpy as np
 import tensorflow as tf
 
-from acet_tf import evaluation
-from acet_tf import input_pipeline
-from acet_tf import runs
+from acet_tf.artifacts import runs
+from acet_tf.data import input_pipeline
+from acet_tf.evaluation import predictions as predictions_lib
 
 
 @dataclasses.dataclass
@@ -32,9 +32,9 @@ class ModelRow:
 
   method: str  # 'plain', 'ceda' or 'acet' (the run's config.method).
   label: str  # e.g. 'acet (m5k_acet, step 248)'.
-  noise: evaluation.Predictions  # The model's predictions on the shared noise images.
+  noise: predictions_lib.Predictions  # The model's predictions on the shared noise images.
   adversarial: np.ndarray  # float32 [N, H, W, C] in [0, 1]: PGD's result against this model.
-  adversarial_pred: evaluation.Predictions
+  adversarial_pred: predictions_lib.Predictions
 
 
 def noise_images(config, num_images):
@@ -51,7 +51,7 @@ def noise_images(config, num_images):
     max_examples=num_images,
     options=input_pipeline.options_from_config(config),
   )
-  noise, labels = evaluation.generated_sets(test, config.seed, config.noise).noise[0]
+  noise, labels = predictions_lib.generated_sets(test, config.seed, config.noise).noise[0]
   return noise, labels
 
 
@@ -64,21 +64,21 @@ def model_row(model, method, label, noise, labels, *, eps, step_size, steps, see
     noise, labels: float32 [N, H, W, C] in [0, 1] and int32 [N].
     eps, step_size, steps: the attack (max log-confidence, L-inf ball in [0, 1]).
     seed: the run's base seed (config.seed); the attack's random start uses the evaluation's
-      adversarial-noise stream of it (evaluation.generated_sets).
+      adversarial-noise stream of it (predictions_lib.generated_sets).
 
   Returns:
     A ModelRow.
   """
-  predict = evaluation.make_predict_fn(model)
+  predict = predictions_lib.make_predict_fn(model)
   batch = [(noise, labels)]
-  attack = evaluation.NoiseAttack(model, eps=eps, step_size=step_size, steps=steps)
-  adversarial = evaluation.generated_sets(None, seed, None, attack, noise=batch).adv_noise
+  attack = predictions_lib.NoiseAttack(model, eps=eps, step_size=step_size, steps=steps)
+  adversarial = predictions_lib.generated_sets(None, seed, None, attack, noise=batch).adv_noise
   return ModelRow(
     method=method,
     label=label,
-    noise=evaluation.predict_batches(predict, batch),
+    noise=predictions_lib.predict_batches(predict, batch),
     adversarial=adversarial[0][0].numpy(),
-    adversarial_pred=evaluation.predict_batches(predict, adversarial),
+    adversarial_pred=predictions_lib.predict_batches(predict, adversarial),
   )
 
 

@@ -174,8 +174,8 @@ def main(argv=None):
   sys.path.insert(0, ROOT)
   import tensorflow as tf
 
-  from acet_tf import input_pipeline
-  from acet_tf import serving_layout
+  from acet_tf.artifacts import export_layout
+  from acet_tf.data import input_pipeline
 
   images, _ = next(iter(input_pipeline.eval_dataset('mnist5k', 'test', 64, max_examples=64)))
   images = images.numpy()
@@ -193,7 +193,7 @@ def main(argv=None):
       64,
     ),
   }
-  version = serving_layout.complete_versions(args.export_dir)[-1]
+  version = export_layout.complete_versions(args.export_dir)[-1]
 
   tmp = tempfile.mkdtemp(prefix='load_test_')
   servers = {}

@@ -4,7 +4,7 @@
 
 The paper does not define the row exactly and the authors' code has no Table 2 script; this prints
 the share of draws with confidence > 0.95 under several readings, on the draws and per-draw alphas
-of acet_tf's Table 2 search (scaling.table2, seed as acet_tf.evaluate):
+of acet_tf's Table 2 search (alpha_search.table2, seed as acet_tf.evaluate):
   per_draw_alpha   clip(alpha_i x_i, 0, 1), alpha_i the draw's own alpha (acet_tf's definition);
   median_alpha     clip(alpha_med x_i, 0, 1), one alpha for all draws (the row's reported median);
   alpha_1          x_i itself (alpha = 1: uniform noise in [0, 1], nothing to project);
@@ -17,9 +17,9 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from acet_tf import evaluation
-from acet_tf import runs
-from acet_tf import scaling
+from acet_tf.artifacts import runs
+from acet_tf.evaluation import alpha_search
+from acet_tf.evaluation import predictions as predictions_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'An acet_tf run (e.g. an imported one).')
 _DRAWS = flags.DEFINE_integer('draws', 300, 'Uniform draws.')
@@ -27,10 +27,10 @@ _DRAWS = flags.DEFINE_integer('draws', 300, 'Uniform draws.')
 
 def readings(model, image_shape, draws, seed=0, threshold=0.95):
   """{reading: share of draws with confidence > threshold}, plus 'median_alpha'."""
-  predict = evaluation.make_predict_fn(model)
-  seed = evaluation.eval_seed(seed, scaling.TABLE2_STREAM)
-  _, alphas, _ = scaling.table2(predict, image_shape, seed=seed, num_examples=draws)
-  x = np.concatenate(list(scaling.uniform_noise_batches(seed, image_shape, draws, 500)))
+  predict = predictions_lib.make_predict_fn(model)
+  seed = predictions_lib.eval_seed(seed, alpha_search.TABLE2_STREAM)
+  _, alphas, _ = alpha_search.table2(predict, image_shape, seed=seed, num_examples=draws)
+  x = np.concatenate(list(alpha_search.uniform_noise_batches(seed, image_shape, draws, 500)))
   finite = np.where(np.isfinite(alphas), alphas, 1e6).astype(np.float32)
   median = float(np.median(alphas))
 

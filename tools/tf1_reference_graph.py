@@ -1,13 +1,15 @@
-"""The authors' own TF 1 graph (model-100.meta) as an oracle for imported models (the binary
-tools/reference_oracle.py prints Table 2 with it; tests/test_import_reference.py compares logits).
+"""The authors' own TF 1 graph (model-100.meta) as an oracle for imported models.
 
-oracle_table2 computes Table 2 for the authors' graph with acet_tf's own search (scaling.table2,
-the graph run through tf.py_function) on the uniform draws acet_tf.evaluate uses (seed = the
-run's config.seed, 0 for every imported run): the two numbers can differ only by float rounding
-in the logits. The graph is run as the reference models' README (shared/reference_models)
-describes: the `.meta` without its `_output_shapes` attributes, imported with `input_map` on the
-network's input `tower_0/cond_2/Merge:0` (the output of the graph's own noise/PGD switch), restored
-with its saver.
+The binary tools/reference_oracle.py prints Table 2 with it;
+tests/reference/test_authors_checkpoints.py compares logits.
+
+oracle_table2 computes Table 2 for the authors' graph with acet_tf's own search
+(alpha_search.table2, the graph run through tf.py_function) on the uniform draws acet_tf.evaluate
+uses (seed = the run's config.seed, 0 for every imported run): the two numbers can differ only by
+float rounding in the logits. The graph is run as the reference models' README
+(shared/reference_models) describes: the `.meta` without its `_output_shapes` attributes, imported
+with `input_map` on the network's input `tower_0/cond_2/Merge:0` (the output of the graph's own
+noise/PGD switch), restored with its saver.
 Test and tool code only: the library never needs TF 1 graphs.
 """
 
@@ -70,7 +72,7 @@ class ReferenceGraph:
 
   def predict_fn(self):
     """images float32 [B, H, W, C] -> softmax float32 [B, K], usable inside a tf.function (the
-    session runs through tf.py_function), so acet_tf.scaling's own search can drive the graph."""
+    session runs through tf.py_function), so alpha_search's own search can drive the graph."""
     k = int(self.logits_tensor.shape[-1])
 
     def predict(images):
@@ -84,16 +86,16 @@ class ReferenceGraph:
 
 
 def oracle_table2(checkpoint, *, num_examples, seed=0, batch_size=500):
-  """scaling.table2's summary for the authors' graph on acet_tf.evaluate's draws and search."""
-  from acet_tf import evaluation
-  from acet_tf import scaling
+  """alpha_search.table2's summary for the authors' graph on acet_tf.evaluate's draws and search."""
+  from acet_tf.evaluation import alpha_search
+  from acet_tf.evaluation import predictions as predictions_lib
 
   graph = ReferenceGraph(checkpoint)
   try:
-    summary, _, _ = scaling.table2(
+    summary, _, _ = alpha_search.table2(
       graph.predict_fn(),
       graph.image_shape,
-      seed=evaluation.eval_seed(seed, scaling.TABLE2_STREAM),
+      seed=predictions_lib.eval_seed(seed, alpha_search.TABLE2_STREAM),
       num_examples=num_examples,
       batch_size=batch_size,
     )

@@ -25,9 +25,9 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from acet_tf import batch_random
-from acet_tf import train_step
-from configs import common
+from acet_tf.configs import common
+from acet_tf.ops import seed_streams
+from acet_tf.training import train_step
 
 BOX = (0.0, 1.0)  # The input domain: data and noise live here, like images in [0, 1]^d.
 FAR = (-10.0, 10.0)  # The zoomed-out view.
@@ -121,7 +121,7 @@ def uniform_box_noise(points, seed):
 
   points: float32 [B, 2] (only the shape is used); seed: int [2]. Returns float32 [B, 2] in BOX.
   """
-  return batch_random.uniform(seed, points.shape[0], points.shape[1:], *BOX)
+  return seed_streams.uniform(seed, points.shape[0], points.shape[1:], *BOX)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ def _bn_affine(bn):
 def preact_inference_logits(model):
   """Returns logits_fn(u) = model(u, training=False) for a preact_resnet, batch norm folded.
 
-  Performance only (the values agree up to float32 round-off; tests/test_models.py): every
+  Performance only (the values agree up to float32 round-off; tests/models/test_models.py): every
   conv1 -> bn2 -> ReLU of a unit becomes one convolution with the batch-norm scale folded into its
   kernel plus a bias, which oneDNN runs as a fused convolution + bias + ReLU, and its input
   gradient skips the batch-norm multiply. About 5-10% of PGD's pass on CPU (BUILD.md). The

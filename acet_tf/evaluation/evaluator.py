@@ -1,0 +1,315 @@
+"""Table 1 and Table 2 of the paper (and the evaluations beyond it) for a trained run or an
+exported SavedModel, with plots; and the same units for a training run's own evaluation. The
+binary is acet_tf/evaluate.py; this module reads no flags.
+
+Writes to the output directory (default WORKDIR/eval): results.json (every number and setting),
+table.md (laid out like the paper's Table 1, plus Table 2), confidence_histograms.png,
+roc_curves.png, image_grid.png and the same scalars and images as TensorBoard summaries
+(acet_tf/reporting.py).
+
+Every evaluation runs the evaluator units of acet_tf/units.py, chosen by Settings
+(acet_tf/settings_lib.py):
+  evaluate_model            any predict function and datasets -> the results dict;
+  evaluate_run              restores a run or loads an export, loads the datasets, evaluate_model;
+  evaluate_training_sets    the units test, noise and adv_noise of a Keras model with a training
+                            config's settings (settings_lib.settings_from_training_config): the
+                            export's calibration and accept rates (exporter.measure_sets);
+  evaluate_during_training  the trainer's periodic scalars and images from evaluate_training_sets.
+"""
+
+import dataclasses
+import os
+import time
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+from acet_tf.artifacts import runs
+from acet_tf.data import input_pipeline
+from acet_tf.data import known_datasets
+from acet_tf.data import out_datasets
+from acet_tf.evaluation import reporting
+from acet_tf.evaluation import saved_model_classifier
+from acet_tf.evaluation import settings as settings_lib
+from acet_tf.evaluation import units
+from acet_tf.ops import noise as noise_lib
+
+
+def evaluate_model(
+  predict_fn,
+  info,
+  test_batches,
+  settings,
+  *,
+  out_sets=None,
+  skipped=None,
+  logits_fn=None,
+  noise_config=None,
+  output_dir=None,
+  step=0,
+  description=None,
+  keras_model=None,
+  true_logits=False,
+):
+  """Table 1 and Table 2 for one model; the binary only calls this (via evaluate_run) and prints.
+
+  Args:
+    predict_fn: images float32 [B, H, W, C] in [0, 1] -> probabilities float32 [B, K].
+    info: input_pipeline.DatasetInfo of the in-distribution set.
+    test_batches: iterable of (images float32 [b, H, W, C] in [0, 1], labels int [b]) of the
+      in-distribution test set (capped at settings.max_examples); None when the data is not on
+      this machine: then there is no test row, no AUROC/FPR/AUPR, no adversarial samples, and the
+      noise sets are uniform noise only (the permuted half needs images), all said in
+      results['data_free'] and the table.
+    settings: settings_lib.Settings. Its `sets` picks the generated sets and Table 2 (the
+      out-datasets are the ones given in `out_sets`); settings.seed must be set.
+    out_sets: {out-set key: iterable of image batches float32 [b, H, W, C] (or (images, labels))}.
+    skipped: {key: reason} of sets that cannot be evaluated (out-sets that could not be loaded;
+      also generated sets or 'table2', which are then not run), recorded in the results.
+    logits_fn: images -> logits for the attacks; default log(predict_fn) (same softmax).
+    noise_config: the p_out settings (config.noise); default the paper's.
+    output_dir: if given, writes results.json, table.md, PNGs and TensorBoard summaries there.
+    step: the model's training step (summaries, results).
+    description: dict of facts about the model (source, method, ...) copied into the results.
+    keras_model: the Keras model behind logits_fn, for the IBP bounds (settings.guaranteed).
+    true_logits: logits_fn gives the model's logits (not log-probabilities): then every clean set
+      is scored once for max softmax, max logit and energy (results 'scores').
+
+  Returns:
+    The results dict (what results.json holds): 'test', 'out_sets' {key: metrics}, 'table2',
+    'skipped', 'settings', 'definitions', 'versions', 'model', 'timing'.
+  """
+  start = time.time()
+  # The p_out block is the same for every method of base_config (only its ratio differs).
+  noise_config = noise_config or noise_lib.paper_noise_config()
+  results = reporting.new_results(
+    info, settings, noise_config, step=step, description=description, skipped=dict(skipped or {})
+  )
+  ctx = units.Context(
+    predict_fn,
+    logits_fn or saved_model_classifier.log_probabilities(predict_fn),
+    settings,
+    info,
+    test_batches,
+    noise_config,
+    results,
+    out_sets=dict(out_sets or {}),
+    keras_model=keras_model,
+    true_logits=true_logits,
+  )
+  units.run(ctx)
+  results['timing']['total'] = time.time() - start
+  if output_dir:
+    reporting.write_outputs(
+      results,
+      output_dir,
+      confidences=ctx.confidences,
+      titles=ctx.titles,
+      grid=ctx.grid,
+      class_names=info.class_names,
+      step=step,
+    )
+  return results
+
+
+# ------------------------------------------------------------------------------------------------
+# A training run's own evaluation: the trainer's periodic one, the export's accept rates.
+# ------------------------------------------------------------------------------------------------
+
+
+def evaluate_training_sets(model, config, info, test_batches, **overrides):
+  """The units test, noise and adv_noise of a Keras model with its training config's settings.
+
+  Args:
+    model: a Keras model, images float32 [B, H, W, C] in [0, 1] -> logits [B, K].
+    config: the run's config (seed, noise, eval.*: settings_lib.settings_from_training_config).
+    info: input_pipeline.DatasetInfo of the in-distribution set.
+    test_batches: (images, labels) batches of its test set; None: the data is not here (no test
+      entry, the noise is uniform noise only).
+    **overrides: Settings fields that win over the config (e.g. max_examples, sets=('noise',)).
+
+  Returns:
+    The units.Context after the units ran: results (results['test'],
+    results['out_sets'][name]), predictions {name: evaluation.Predictions} and batches {name:
+    [(images, labels)]} of 'test' (absent data-free), 'noise' and 'adv_noise' (if requested).
+  """
+  settings = settings_lib.settings_from_training_config(config, **overrides)
+  predict_fn, logits_fn = saved_model_classifier.keras_model_fns(model)
+  ctx = units.Context(
+    predict_fn,
+    logits_fn,
+    settings,
+    info,
+    test_batches,
+    config.noise,
+    units.empty_results(),
+  )
+  return units.run(ctx)
+
+
+def evaluate_during_training(model, config, info, test_dataset):
+  """The periodic evaluation of the train loop (the full Table 1 is acet_tf.evaluate).
+
+  Args:
+    model: a Keras model returning logits.
+    config: the run's config (reads seed, noise, eval.*).
+    info: input_pipeline.DatasetInfo of the dataset.
+    test_dataset: batches of (images, labels) of the in-distribution test set.
+
+  Returns:
+    (scalars, images): scalars {'test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'};
+    images {'noise', 'adv_noise'}: float32 [n, H, W, C] for summaries.
+  """
+  ctx = evaluate_training_sets(model, config, info, test_dataset)
+  test, out = ctx.results['test'], ctx.results['out_sets']
+  scalars = {
+    'test/error': test['error'],
+    'test/mmc': test['mmc'],
+    'noise/mmc': out['noise']['mmc'],
+    'adv_noise/mmc': out['adv_noise']['mmc'],
+  }
+  n = config.num_summary_images
+  images = {key: np.asarray(ctx.batches[key][0][0][:n]) for key in ('noise', 'adv_noise')}
+  return scalars, images
+
+
+# ------------------------------------------------------------------------------------------------
+# A run or an export.
+# ------------------------------------------------------------------------------------------------
+
+
+def _data_options(config):
+  """How a folder:/npz: dataset was converted for the run (defaults without a config)."""
+  return input_pipeline.options_from_config(config) if config is not None else None
+
+
+def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, output_dir=None):
+  """Evaluates the latest checkpoint of `workdir`, or the SavedModel `saved_model`.
+
+  Args:
+    settings: Settings (seed None = the run's config.seed; data_dir '' = the run's).
+    workdir: a training workdir (config.json and checkpoints/).
+    saved_model: an export (version dir, or export dir with integer versions). Its config comes from
+      `workdir` if given, else from the export's assets/metadata.json, else the paper's defaults.
+    dataset: the in-distribution dataset; needed for a SavedModel whose metadata does not name it.
+    output_dir: default workdir/eval; required without a workdir.
+
+  Returns:
+    The results dict of evaluate_model.
+  """
+  if not workdir and not saved_model:
+    raise ValueError('Give a training --workdir, or --saved_model (or both).')
+  config = runs.read_config(workdir) if workdir else None
+  if saved_model:
+    classifier = saved_model_classifier.SavedModelClassifier(saved_model)
+    if config is None and 'config' in classifier.metadata:
+      config = ml_collections.ConfigDict(classifier.metadata['config'])
+    names = {
+      n for n in (dataset, config and config.dataset, classifier.metadata.get('dataset')) if n
+    }
+    if len(names) != 1:
+      raise ValueError(
+        'Cannot tell the in-distribution dataset of the SavedModel: '
+        + (f'conflicting {sorted(names)}.' if names else 'pass --dataset.')
+      )
+    name = names.pop()
+    info = known_datasets.get_info(
+      name, settings.data_dir or (config and config.data_dir) or None, _data_options(config)
+    )
+    if tuple(info.image_shape) != classifier.image_shape:
+      raise ValueError(
+        f'The SavedModel takes images of shape {classifier.image_shape}, but '
+        f'{name} has {info.image_shape}.'
+      )
+    exported_names = classifier.metadata.get('class_names')
+    if exported_names is not None and list(exported_names) != list(info.class_names):
+      raise ValueError(
+        f'The SavedModel was exported with the classes {exported_names}, but {name} '
+        f'now has {list(info.class_names)}: the data changed since the export.'
+      )
+    predict_fn, logits_fn = classifier.fns()
+    keras_model, true_logits = None, classifier.has_logits
+    step = int(classifier.metadata.get('step', 0))
+    description = {
+      'source': 'saved_model',
+      'path': classifier.path,
+      'attack_logits': 'logits output'
+      if classifier.has_logits
+      else 'log of the probabilities output',
+    }
+  else:
+    model, config, info, step = runs.restore_model(workdir)
+    if dataset and dataset != config.dataset:
+      raise ValueError(f'--dataset={dataset} but the run in {workdir} trained on {config.dataset}.')
+    predict_fn, logits_fn = saved_model_classifier.keras_model_fns(model)
+    keras_model, true_logits = model, True
+    description = {
+      'source': 'checkpoint',
+      'path': os.path.abspath(workdir),
+      'attack_logits': 'model logits',
+    }
+  if config is not None:
+    description.update(method=config.method, model=config.model)
+  if not output_dir:
+    if not workdir:
+      raise ValueError('--output_dir is required without --workdir (never write into an export).')
+    output_dir = os.path.join(workdir, runs.EVAL)
+  data_dir = settings.data_dir or (config.data_dir if config is not None else '')
+  seed = (
+    settings.seed if settings.seed is not None else (int(config.seed) if config is not None else 0)
+  )
+  settings = dataclasses.replace(settings, seed=seed, data_dir=data_dir)
+
+  keys, _, run_table2, left_out = settings_lib.resolve_sets(settings, info.name)
+  unavailable = {}
+  if run_table2 and not saved_model_classifier.accepts_unbounded_inputs(
+    predict_fn, info.image_shape
+  ):
+    reason = (
+      'the model refuses inputs outside [0, 1] (an export whose serving_default checks '
+      'its input range); Table 2 needs alpha * x far outside: evaluate the checkpoint '
+      'with --workdir.'
+    )
+    if settings.strict:
+      raise ValueError(f'Table 2 cannot be computed (--strict): {reason}')
+    logging.warning('Skipping Table 2: %s', reason)
+    unavailable[settings_lib.TABLE2] = reason
+  out_sets, skipped = out_datasets.load_out_sets(
+    keys,
+    info.image_shape,
+    batch_size=settings.batch_size,
+    data_dir=data_dir,
+    imagenet_minus_dir=settings.imagenet_minus_dir,
+    max_examples=settings.max_examples,
+    strict=settings.strict,
+    seed=seed,
+    image_dirs=dict(settings.image_dirs),
+  )
+  skipped.update(left_out)
+  skipped.update(unavailable)
+  test = None  # Data-free: evaluate_model runs what needs no in-distribution images.
+  if info.has_data:
+    test = input_pipeline.eval_dataset(
+      info.name,
+      'test',
+      settings.batch_size,
+      data_dir=data_dir or None,
+      max_examples=settings.max_examples,
+      options=_data_options(config),
+    )
+  return evaluate_model(
+    predict_fn,
+    info,
+    test,
+    settings,
+    out_sets=out_sets,
+    skipped=skipped,
+    logits_fn=logits_fn,
+    noise_config=config.noise if config is not None else None,
+    output_dir=output_dir,
+    step=step,
+    description=description,
+    keras_model=keras_model,
+    true_logits=true_logits,
+  )

@@ -1,0 +1,166 @@
+"""Several attacks, restarts and starting points on one set; the worst case per point.
+
+An `Attack` names one attack (the paper's PGD or APGD) with its budget. `attack_confidences` runs
+every attack on batches of ball centres (noise images, uniform noise, out-set images) and returns
+per attack the confidence (max softmax by the evaluator's predict function) at the attack's best
+point. The worst case of a point is the highest confidence any attack reached in its ball(s): the
+objective of the attacks (max log-confidence) is monotone in the confidence, so the highest
+objective is the highest confidence.
+"""
+
+import dataclasses
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from acet_tf.ops import pgd
+from acet_tf.robustness import apgd
+
+KINDS = ('pgd', 'apgd')
+
+
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """One attack with its budget.
+
+  name: key in results.json ('pgd_paper', 'apgd', ...).
+  kind: 'pgd' (pgd.pgd, the paper's attack: sign steps of step_fraction * eps) or 'apgd'
+    (apgd.apgd).
+  steps: iterations per restart; restarts: independent random starts, the best kept per point.
+  step_fraction: PGD's step as a fraction of eps (the paper's 0.0075 at eps 0.3 is 0.025), so one
+    attack serves every radius; unused by APGD, whose schedule starts at 2 eps.
+  random_start: restart 0 starts inside the ball at random (False: at the centre; restarts >= 1
+    always start at random).
+  """
+
+  name: str
+  kind: str
+  steps: int
+  restarts: int = 1
+  step_fraction: float | None = None
+  random_start: bool = True
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'Attack {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}')
+    if self.steps < 0 or self.restarts < 1:
+      raise ValueError(
+        f'Attack {self.name!r}: steps must be >= 0 and restarts >= 1, got '
+        f'{self.steps} and {self.restarts}'
+      )
+    if self.kind == 'pgd' and not (self.step_fraction and self.step_fraction > 0):
+      raise ValueError(
+        f'Attack {self.name!r}: PGD needs step_fraction > 0, got {self.step_fraction}'
+      )
+
+  @property
+  def passes(self):
+    """Forward (+ input-gradient) passes per point."""
+    return self.restarts * (self.steps + (2 if self.kind == 'pgd' else 1))
+
+
+def restart_seed(seed, r):
+  """Seed of restart r: r = 0 is `seed` itself, as evaluation.attack_batches does."""
+  return seed if r == 0 else tf.random.experimental.stateless_fold_in(seed, 1000 + r)
+
+
+def make_attack_fn(logits_fn, attack, objective, eps):
+  """A compiled fn(images [B, ...], labels [B], seed [2]) -> best points [B, ...] over restarts."""
+
+  def one(images, labels, seed, random_start):
+    if attack.kind == 'pgd':
+      return pgd.pgd(
+        logits_fn,
+        images,
+        objective,
+        eps=eps,
+        step_size=attack.step_fraction * eps,
+        steps=attack.steps,
+        seed=seed,
+        labels=labels,
+        random_start=random_start,
+      )
+    return apgd.apgd(
+      logits_fn,
+      images,
+      objective,
+      eps=eps,
+      steps=attack.steps,
+      seed=seed,
+      labels=labels,
+      random_start=random_start,
+    )
+
+  @tf.function(reduce_retracing=True)
+  def run(images, labels, seed):
+    best_u, best_obj = one(images, labels, seed, attack.random_start)
+    for r in range(1, attack.restarts):
+      u, obj = one(images, labels, restart_seed(seed, r), True)
+      better = obj > best_obj
+      best_u = tf.where(tf.reshape(better, [-1] + [1] * (len(u.shape) - 1)), u, best_u)
+      best_obj = tf.maximum(obj, best_obj)
+    return best_u
+
+  return run
+
+
+def attack_confidences(
+  logits_fn, predict_fn, batches, attack_list, *, eps, seed, objective=None, name='attack'
+):
+  """Runs each attack on every batch of ball centres.
+
+  Args:
+    logits_fn: images -> logits (inference mode), what the attacks differentiate.
+    predict_fn: images -> probabilities [B, K], what the confidences are read from.
+    batches: list of (images float32 [b, ...] in [0, 1], labels int [b]).
+    attack_list: sequence of Attack with distinct names.
+    eps: L-inf radius > 0.
+    seed: int [2]; batch i of every attack uses fold_in(seed, i), as evaluation.attack_batches.
+    objective: default pgd.max_log_confidence_objective.
+
+  Returns:
+    {attack name: {'confidence': float32 [N], 'seconds': float, 'best': first batch's best points
+    (for image grids)}}.
+  """
+  names = [a.name for a in attack_list]
+  if len(set(names)) != len(names):
+    raise ValueError(f'Attack names must be distinct, got {names}')
+  objective = objective or pgd.max_log_confidence_objective
+  out = {}
+  for attack in attack_list:
+    run = make_attack_fn(logits_fn, attack, objective, eps)
+    start, conf, first = time.time(), [], None
+    for i, (images, labels) in enumerate(batches):
+      adv = run(images, labels, tf.random.experimental.stateless_fold_in(seed, i))
+      conf.append(np.max(np.asarray(predict_fn(adv)), axis=1))
+      first = adv.numpy() if first is None else first
+    out[attack.name] = {
+      'confidence': np.concatenate(conf),
+      'seconds': time.time() - start,
+      'best': first,
+    }
+    entry = out[attack.name]
+    logging.info(
+      '%s/%s: %d points, %d passes each, MMC %.3f, %.1f s (%.2f points/s)',
+      name,
+      attack.name,
+      entry['confidence'].size,
+      attack.passes,
+      entry['confidence'].mean(),
+      entry['seconds'],
+      entry['confidence'].size / max(entry['seconds'], 1e-9),
+    )
+  return out
+
+
+def worst_case(confidences):
+  """Per-point maximum of {key: float [N]} (same N). Returns (float [N], key index int [N])."""
+  if not confidences:
+    raise ValueError('worst_case needs at least one attack result.')
+  sizes = {k: np.size(v) for k, v in confidences.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f'Attack results cover different numbers of points: {sizes}')
+  stacked = np.stack([np.asarray(v, np.float64) for v in confidences.values()])
+  return stacked.max(axis=0), stacked.argmax(axis=0)

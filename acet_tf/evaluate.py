@@ -9,10 +9,13 @@ A thin binary: flags (or an evaluation config, configs/eval.py) -> settings_lib.
 evaluator.evaluate_run (see acet_tf/evaluation/evaluator.py for what it writes).
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from acet_tf import config_files
 from acet_tf.data import out_datasets
 from acet_tf.evaluation import evaluator
 from acet_tf.evaluation import reporting
@@ -124,4 +127,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=config_files.resolve_argv(sys.argv))

@@ -9,19 +9,20 @@
 acet_tf.export, acet_tf.serve and tools/figures.py work on --workdir as on a trained run.
 
 The run's config.json is the paper's config for that dataset and method: the binary reads the
-repository's config file for the dataset (configs/<file>.py:<method>) with the same parser as
+package's config file for the dataset (configs/<file>.py:<method>) with the same parser as
 acet_tf.train's --config, so the imported run says exactly what `acet_tf.train` would have trained.
-(The library may not import configs/; a binary reading a config file by path, as train does, keeps
-that rule and needs no second copy of the recipe.) --config_file picks another file.
+(The library may not import acet_tf.configs; a binary reading a config file by path, as train does,
+keeps that rule and needs no second copy of the recipe.) --config_file picks another file.
 """
 
-import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections.config_flags import config_flags  # ConfigFileFlagParser: --config's parser.
 
+from acet_tf import config_files
 from acet_tf.reference import authors_checkpoints
 
 # acet_tf dataset -> its config file under configs/.
@@ -31,7 +32,6 @@ CONFIG_FILES = {
   'cifar10': 'cifar10.py',
   'cifar100': 'cifar100.py',
 }
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CHECKPOINT = flags.DEFINE_string(
   'checkpoint',
@@ -60,8 +60,12 @@ _CONFIG_FILE = flags.DEFINE_string(
 
 def paper_config(dataset, method, config_file=None):
   """The config `acet_tf.train --config=configs/<dataset file>.py:<method>` would use."""
-  path = config_file or os.path.join(_REPO, 'configs', CONFIG_FILES[dataset])  # Read, not imported.
-  spec = f'{path}:{method}'
+  path = (
+    config_files.resolve(config_file)
+    if config_file
+    else config_files.packaged(CONFIG_FILES[dataset])
+  )
+  spec = f'{path}:{method}'  # Read by path as train reads --config, not imported.
   config = config_flags.ConfigFileFlagParser(name='config').parse(spec)
   if config.dataset != dataset:
     raise ValueError(f'{spec} is a config for {config.dataset!r}, not {dataset!r}.')
@@ -84,11 +88,11 @@ def main(argv):
     _WORKDIR.value,
     config,
     run_name=run_name,
-    config_source=os.path.relpath(spec, _REPO) if spec.startswith(_REPO) else spec,
+    config_source=f'{config_files.display_name(spec.rpartition(":")[0])}:{method}',
   )
   logging.info('Imported %s (%s %s, step %d) to %s', _CHECKPOINT.value, dataset, method, step, path)
   print(f'Imported {_CHECKPOINT.value} as {dataset} {method} (step {step}): {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=config_files.resolve_argv(sys.argv))

@@ -3,13 +3,15 @@
   python -m acet_tf.serve --export_dir=exports/mnist5k_acet --model_name=mnist5k_acet \
       [--enable_batching] [--keep_versions=2] [--file_system_poll_wait_seconds=1]
 
-A thin binary: flags -> rest_app.create_app and rest_app.serve (acet_tf/rest_app.py has the API).
+A thin binary: flags -> rest_app.create_app and runner.serve (acet_tf/serving/rest_app.py has the
+API).
 """
 
 from absl import app
 from absl import flags
 
 from acet_tf.serving import rest_app
+from acet_tf.serving import runner
 
 _EXPORT_DIR = flags.DEFINE_string(
   'export_dir', None, 'Base directory of an export (versions below it).'
@@ -46,7 +48,7 @@ _HTTP_THREADS = flags.DEFINE_integer(
 )
 _SOCKET_TIMEOUT = flags.DEFINE_integer(
   'socket_timeout_seconds',
-  rest_app.SOCKET_TIMEOUT_S,
+  runner.SOCKET_TIMEOUT_S,
   'A client silent this long (mid-request or idle) is disconnected.',
 )
 
@@ -75,7 +77,7 @@ def main(argv):
     batching=batching,
     tune_gc=True,
   )
-  rest_app.serve(
+  runner.serve(
     rest,
     _HOST.value,
     _PORT.value,

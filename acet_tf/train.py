@@ -5,10 +5,13 @@
 A thin binary: it parses flags and calls trainer.train_and_evaluate(config, workdir).
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from acet_tf import config_files
 from acet_tf.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,4 +30,4 @@ def main(argv, hooks=()):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, argv=config_files.resolve_argv(sys.argv))

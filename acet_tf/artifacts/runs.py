@@ -1,4 +1,4 @@
-"""The run directory: the one place that knows its layout (as serving_layout.py is for exports).
+"""The run directory: the one place that knows its layout (as export_layout.py is for exports).
 
 WORKDIR/config.json           the full config of the run
 WORKDIR/checkpoints/ckpt-N    the latest few checkpoints; N is the step
@@ -140,7 +140,7 @@ def restore_model(workdir, config=None):
   """
   if config is None:
     config = read_config(workdir)
-  info = known_datasets.get_info(
+  info = known_datasets.info_or_recorded(
     config.dataset, config.data_dir or None, input_pipeline.options_from_config(config)
   )
   model = models.create_model(config.model, info.image_shape, info.num_classes)

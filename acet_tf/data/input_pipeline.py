@@ -1,5 +1,5 @@
 """Datasets as tf.data: TFDS image classification sets, the embedded `mnist5k`, the user's own
-`folder:PATH` and `npz:PATH` (custom_data.py), augmentation.
+`folder:PATH` and `npz:PATH` (data/custom_data.py), augmentation.
 
 Images are float32 [H, W, C] in [0, 1] (pixel / 255, no normalisation: docs/recipe.md "Inputs"),
 labels int32. The training stream is a pure function of (config.seed, step), so a run resumed at

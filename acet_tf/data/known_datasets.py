@@ -62,7 +62,7 @@ def recorded_info(name):
   )
 
 
-def get_info(name, data_dir=None, options=None):
+def info_or_recorded(name, data_dir=None, options=None):
   """input_pipeline.get_info, or the recorded facts (has_data=False) if the data is absent.
 
   `options` convert a folder: or npz: dataset (input_pipeline.options_from_config); such data is

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from acet_tf.evaluation import ood_metrics
 
-TABLE2_STREAM = 14  # Evaluation seed stream of the uniform draws (evaluation.py uses 11-13).
+TABLE2_STREAM = 14  # Evaluation seed stream of the uniform draws (predictions.py uses 11-13).
 
 
 def make_alpha_search(

@@ -5,16 +5,14 @@ binary is acet_tf/evaluate.py; this module reads no flags.
 Writes to the output directory (default WORKDIR/eval): results.json (every number and setting),
 table.md (laid out like the paper's Table 1, plus Table 2), confidence_histograms.png,
 roc_curves.png, image_grid.png and the same scalars and images as TensorBoard summaries
-(acet_tf/reporting.py).
+(acet_tf/evaluation/reporting.py).
 
-Every evaluation runs the evaluator units of acet_tf/units.py, chosen by Settings
-(acet_tf/settings_lib.py):
-  evaluate_model            any predict function and datasets -> the results dict;
-  evaluate_run              restores a run or loads an export, loads the datasets, evaluate_model;
-  evaluate_training_sets    the units test, noise and adv_noise of a Keras model with a training
-                            config's settings (settings_lib.settings_from_training_config): the
-                            export's calibration and accept rates (exporter.measure_sets);
-  evaluate_during_training  the trainer's periodic scalars and images from evaluate_training_sets.
+Every evaluation runs the evaluator units of acet_tf/evaluation/units.py, chosen by Settings
+(acet_tf/evaluation/settings.py):
+  evaluate_model  any predict function and datasets -> the results dict;
+  evaluate_run    restores a run or loads an export, loads the datasets, evaluate_model.
+A training run's own evaluation (the trainer's, the export's) is training_sets.py, on the same
+units.
 """
 
 import dataclasses
@@ -23,7 +21,6 @@ import time
 
 from absl import logging
 import ml_collections
-import numpy as np
 
 from acet_tf.artifacts import runs
 from acet_tf.data import input_pipeline
@@ -114,67 +111,6 @@ def evaluate_model(
 
 
 # ------------------------------------------------------------------------------------------------
-# A training run's own evaluation: the trainer's periodic one, the export's accept rates.
-# ------------------------------------------------------------------------------------------------
-
-
-def evaluate_training_sets(model, config, info, test_batches, **overrides):
-  """The units test, noise and adv_noise of a Keras model with its training config's settings.
-
-  Args:
-    model: a Keras model, images float32 [B, H, W, C] in [0, 1] -> logits [B, K].
-    config: the run's config (seed, noise, eval.*: settings_lib.settings_from_training_config).
-    info: input_pipeline.DatasetInfo of the in-distribution set.
-    test_batches: (images, labels) batches of its test set; None: the data is not here (no test
-      entry, the noise is uniform noise only).
-    **overrides: Settings fields that win over the config (e.g. max_examples, sets=('noise',)).
-
-  Returns:
-    The units.Context after the units ran: results (results['test'],
-    results['out_sets'][name]), predictions {name: evaluation.Predictions} and batches {name:
-    [(images, labels)]} of 'test' (absent data-free), 'noise' and 'adv_noise' (if requested).
-  """
-  settings = settings_lib.settings_from_training_config(config, **overrides)
-  predict_fn, logits_fn = saved_model_classifier.keras_model_fns(model)
-  ctx = units.Context(
-    predict_fn,
-    logits_fn,
-    settings,
-    info,
-    test_batches,
-    config.noise,
-    units.empty_results(),
-  )
-  return units.run(ctx)
-
-
-def evaluate_during_training(model, config, info, test_dataset):
-  """The periodic evaluation of the train loop (the full Table 1 is acet_tf.evaluate).
-
-  Args:
-    model: a Keras model returning logits.
-    config: the run's config (reads seed, noise, eval.*).
-    info: input_pipeline.DatasetInfo of the dataset.
-    test_dataset: batches of (images, labels) of the in-distribution test set.
-
-  Returns:
-    (scalars, images): scalars {'test/error', 'test/mmc', 'noise/mmc', 'adv_noise/mmc'};
-    images {'noise', 'adv_noise'}: float32 [n, H, W, C] for summaries.
-  """
-  ctx = evaluate_training_sets(model, config, info, test_dataset)
-  test, out = ctx.results['test'], ctx.results['out_sets']
-  scalars = {
-    'test/error': test['error'],
-    'test/mmc': test['mmc'],
-    'noise/mmc': out['noise']['mmc'],
-    'adv_noise/mmc': out['adv_noise']['mmc'],
-  }
-  n = config.num_summary_images
-  images = {key: np.asarray(ctx.batches[key][0][0][:n]) for key in ('noise', 'adv_noise')}
-  return scalars, images
-
-
-# ------------------------------------------------------------------------------------------------
 # A run or an export.
 # ------------------------------------------------------------------------------------------------
 
@@ -214,7 +150,7 @@ def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, outp
         + (f'conflicting {sorted(names)}.' if names else 'pass --dataset.')
       )
     name = names.pop()
-    info = known_datasets.get_info(
+    info = known_datasets.info_or_recorded(
       name, settings.data_dir or (config and config.data_dir) or None, _data_options(config)
     )
     if tuple(info.image_shape) != classifier.image_shape:

@@ -86,7 +86,7 @@ def new_results(info, settings, noise_config, *, step, description, skipped):
       class_names=list(info.class_names),
     ),
     'settings': dataclasses.asdict(settings),
-    'definitions': DEFINITIONS,
+    'definitions': dict(DEFINITIONS),  # A copy: the scores unit adds its own.
     'seeds': {
       'base': settings.seed,
       'streams': {

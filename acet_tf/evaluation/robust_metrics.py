@@ -72,7 +72,7 @@ def attacked_set(
     logits_fn, predict_fn: see worst_case.attack_confidences.
     in_conf: float [N_in] clean in-distribution confidences (the positives).
     starts: {start name: list of (images, labels) batches}, the same number of points each.
-    attack_list: worst_case.Attack sequence.
+    attack_list: attack_spec.Attack sequence.
     eps: L-inf radius.
     seed: int [2]; start s uses fold_in(seed, index of s).
     extra: {key: float [M]} confidences found elsewhere on the same points (the paper's attack

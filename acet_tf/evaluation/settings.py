@@ -10,7 +10,7 @@ import dataclasses
 
 from acet_tf.data import out_datasets
 from acet_tf.evaluation import robust_metrics
-from acet_tf.robustness import worst_case
+from acet_tf.robustness import attack_spec
 
 GENERATED_SETS = ('noise', 'adv_noise', 'adv_samples')
 ATTACK_ALL_OUT_SETS = 'out_sets'  # In attacked_sets: every out-set that was loaded.
@@ -45,7 +45,7 @@ class Settings:
   seed: int | None = None  # None: the run's config.seed (0 without a config).
   num_grid_images: int = 8
   # Beyond the paper (robust_eval); the defaults switch all of it off.
-  attacks: tuple = ()  # worst_case.Attack, run on every attacked set.
+  attacks: tuple = ()  # attack_spec.Attack, run on every attacked set.
   attacked_sets: tuple[str, ...] = ()  # 'adv_noise', ATTACK_ALL_OUT_SETS or out-set keys.
   adv_noise_starts: tuple[str, ...] = robust_metrics.START_NAMES  # Centres of attacked adv. noise.
   attacked_eps: float | None = None  # Out-sets; None: GOOD's radius (0.3 / 0.03 / 0.01).
@@ -131,7 +131,7 @@ def settings_from_config(config, **overrides):
   """
   c = dict(config)
   attack_list = tuple(
-    worst_case.Attack(
+    attack_spec.Attack(
       name,
       a['kind'],
       int(a['steps']),

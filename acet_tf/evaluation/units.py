@@ -55,7 +55,9 @@ def empty_results():
 
 @dataclasses.dataclass
 class Context:
-  """What the units share. Constructed with the inputs; the units fill in the rest.
+  """What the units share: the inputs, and the intermediates later units and the plots read
+  (batches, predictions, confidences). A unit's results are what it returns; run() merges them
+  into `results`, which the units only read.
 
   `units` (the names that run, in UNITS order) is chosen from the settings unless given.
   """
@@ -75,7 +77,7 @@ class Context:
   requested: tuple[str, ...] = dataclasses.field(init=False)  # settings_lib.requested_sets.
   cap: int = dataclasses.field(init=False)  # settings.max_examples, or no cap.
   scores_fn: Callable | None = dataclasses.field(init=False)  # With true_logits.
-  # Filled by the units.
+  # Intermediates, kept by the units.
   in_conf: np.ndarray | None = None  # float32 [N] test-set confidences; None data-free.
   batches: dict = dataclasses.field(default_factory=dict)  # {set: [(images, labels)]}.
   predictions: dict = dataclasses.field(default_factory=dict)  # {set: predictions_lib.Predictions}.
@@ -138,8 +140,9 @@ class Context:
       self.seconds.update(made.seconds)
     return self.batches[key]
 
-  def add(self, key, conf, title, extra=None, seconds=0.0):
-    """results['out_sets'][key] of out-set confidences `conf` float [M] against the test set's."""
+  def out_set_entry(self, key, conf, title, extra=None, seconds=0.0):
+    """{'out_sets': {key: metrics}} of out-set confidences `conf` float [M] against the test
+    set's; keeps conf and title for the plots."""
     if self.in_conf is None:  # No test-set confidences: MMC only, the rest absent (not invented).
       entry = {
         'mmc': ood_metrics.mean_max_confidence(conf),
@@ -153,7 +156,6 @@ class Context:
     entry['num_examples'] = int(np.size(conf))
     entry.update(extra or {})
     entry.update(title=title, seconds=seconds)
-    self.results['out_sets'][key] = entry
     self.confidences[key] = conf
     self.titles[key] = title
     logging.info(
@@ -165,6 +167,7 @@ class Context:
       reporting.fmt(entry['fpr95']),
       seconds,
     )
+    return {'out_sets': {key: entry}}
 
   def add_grid_row(self, key, batches, pred, labels=False):
     """The image grid's row of a set: its first num_grid_images images and predictions."""
@@ -180,8 +183,8 @@ class Context:
 
 def test_unit(ctx):
   if ctx.test_batches is None:
-    ctx.batches['test'] = _data_free(ctx)
-    return
+    ctx.batches['test'], entries = _data_free(ctx)
+    return entries
   t = time.time()
   test = [
     (tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(y, tf.int32))
@@ -190,29 +193,32 @@ def test_unit(ctx):
   ctx.batches['test'] = test
   pred = ctx.predict('test', test)
   ctx.in_conf = pred.confidence
-  ctx.results['test'] = {
+  entry = {
     'error': ood_metrics.error_rate(pred.predicted, pred.labels),
     'mmc': ood_metrics.mean_max_confidence(ctx.in_conf),
     'num_examples': int(ctx.in_conf.size),
     'per_class': reporting.per_class_metrics(pred, ctx.info.class_names),
   }
-  ctx.results['timing']['test'] = time.time() - t
   ctx.confidences['test'] = ctx.in_conf
   ctx.add_grid_row('test', test, pred, labels=True)
   logging.info(
     'test: %d images, error %.2f%%, MMC %.3f, %.1f s',
     ctx.in_conf.size,
-    100 * ctx.results['test']['error'],
-    ctx.results['test']['mmc'],
+    100 * entry['error'],
+    entry['mmc'],
     time.time() - t,
   )
+  return {'test': entry, 'timing': {'test': time.time() - t}}
 
 
 def out_sets_unit(ctx):
+  entries = {}
   for key, batches in ctx.out_sets.items():
     t = time.time()
     pred = ctx.predict(key, predictions_lib.take_examples(_zero_labels(batches), ctx.cap))
-    ctx.add(key, pred.confidence, reporting.set_title(key), seconds=time.time() - t)
+    title = reporting.set_title(key)
+    _merge(entries, ctx.out_set_entry(key, pred.confidence, title, seconds=time.time() - t))
+  return entries
 
 
 def noise_unit(ctx):
@@ -220,8 +226,9 @@ def noise_unit(ctx):
   t = time.time()
   pred = ctx.predict('noise', noise)
   seconds = ctx.seconds['noise'] + time.time() - t
-  ctx.add('noise', pred.confidence, reporting.noise_title('noise', ctx.results), seconds=seconds)
   ctx.add_grid_row('noise', noise, pred)
+  title = reporting.noise_title('noise', ctx.results)
+  return ctx.out_set_entry('noise', pred.confidence, title, seconds=seconds)
 
 
 def adv_noise_unit(ctx):
@@ -230,7 +237,8 @@ def adv_noise_unit(ctx):
   pred = predictions_lib.predict_batches(ctx.predict_fn, adv)
   ctx.predictions['adv_noise'] = pred
   s = ctx.settings
-  ctx.add(
+  ctx.add_grid_row('adv_noise', adv, pred)
+  return ctx.out_set_entry(
     'adv_noise',
     pred.confidence,
     reporting.noise_title('adv_noise', ctx.results),
@@ -242,7 +250,6 @@ def adv_noise_unit(ctx):
       'restarts': s.adv_noise_restarts,
     },
   )
-  ctx.add_grid_row('adv_noise', adv, pred)
 
 
 def adv_samples_unit(ctx):
@@ -275,7 +282,6 @@ def adv_samples_unit(ctx):
     seconds=time.time() - t,
   )
   entry['num_examples'] = entry['num_successful']
-  ctx.results['out_sets']['adv_samples'] = entry
   ctx.titles['adv_samples'] = 'Adv. Samples (successful)'
   if success.any():
     ctx.confidences['adv_samples'] = pred.confidence[success]
@@ -295,17 +301,18 @@ def adv_samples_unit(ctx):
     pred.confidence[order],
     pred.labels[order],
   )
+  return {'out_sets': {'adv_samples': entry}}
 
 
 def attacked_unit(ctx):
   """results['attacked'] (worst case, per attack, guaranteed) for settings.attacked_sets."""
   t = time.time()
-  s, results, out_sets = ctx.settings, ctx.results, ctx.out_sets
+  s, out_sets = ctx.settings, ctx.out_sets
   n = s.attacked_max_examples or ctx.cap
   keys = []
   for name in s.attacked_sets:
     keys += list(out_sets) if name == settings_lib.ATTACK_ALL_OUT_SETS else [name]
-  sets, eps_of, extra, skipped = {}, {}, {}, results['skipped']
+  sets, eps_of, extra, skipped = {}, {}, {}, {}
   out_eps = s.attacked_eps or robust_metrics.default_attack_eps(ctx.info.name, ctx.info.image_shape)
   for key in dict.fromkeys(keys):
     if key == 'adv_noise':
@@ -329,13 +336,13 @@ def attacked_unit(ctx):
     elif key in out_sets:
       sets[key] = {'image': list(predictions_lib.take_examples(_zero_labels(out_sets[key]), n))}
       eps_of[key] = out_eps
-    elif key not in skipped:
+    elif key not in ctx.results['skipped']:
       skipped[f'attacked/{key}'] = 'not loaded: add it to --sets (or it could not be loaded).'
   if s.guaranteed and ctx.keras_model is None:
     skipped['guaranteed'] = (
       'IBP needs the Keras model (evaluate the checkpoint with --workdir, not a SavedModel).'
     )
-  results['attacked'] = robust_metrics.evaluate_attacked_sets(
+  attacked = robust_metrics.evaluate_attacked_sets(
     sets,
     logits_fn=ctx.logits_fn,
     predict_fn=ctx.predict_fn,
@@ -348,19 +355,19 @@ def attacked_unit(ctx):
     extra=extra,
     log=logging.info,
   )
-  results['timing']['attacked'] = time.time() - t
+  return {'attacked': attacked, 'skipped': skipped, 'timing': {'attacked': time.time() - t}}
 
 
 def scores_unit(ctx):
   test = ctx.set_scores['test']
-  ctx.results['scores'] = {
+  scores = {
     key: {
       name: scores_lib.detection_metrics(test[name], values[name]) for name in scores_lib.SCORES
     }
     for key, values in ctx.set_scores.items()
     if key != 'test'
   }
-  ctx.results['definitions'] = dict(reporting.DEFINITIONS, scores=scores_lib.__doc__)
+  return {'scores': scores, 'definitions': {'scores': scores_lib.__doc__}}
 
 
 def table2_unit(ctx):
@@ -377,7 +384,6 @@ def table2_unit(ctx):
     clipped_threshold=s.table2_clipped_threshold,
   )
   summary['seconds'] = time.time() - t
-  ctx.results['table2'] = summary
   logging.info(
     'table2: %d draws, median alpha %s, unreached %.1f%%, overconfident after '
     'clipping %.1f%%, %.1f s',
@@ -387,6 +393,7 @@ def table2_unit(ctx):
     100 * summary['share_overconfident_clipped'],
     summary['seconds'],
   )
+  return {'table2': summary}
 
 
 UNITS = {
@@ -421,10 +428,24 @@ def select_units(settings, requested, *, has_data, true_logits):
 
 
 def run(ctx):
-  """Runs ctx.units in order; returns ctx."""
+  """Runs ctx.units in order, merging the entries each returns into ctx.results; returns ctx.
+
+  A unit returns its part of the results tree ({'test': ..., 'timing': {'test': s}}, ...) and
+  keeps in ctx only what later units or the plots read (batches, predictions, confidences).
+  """
   for name in ctx.units:
-    UNITS[name](ctx)
+    _merge(ctx.results, UNITS[name](ctx))
   return ctx
+
+
+def _merge(results, entries):
+  """Adds `entries` to `results`: a dict entry into the dict already there (out_sets, skipped,
+  timing, noise_config), any other as the value of its key."""
+  for key, value in entries.items():
+    if isinstance(value, dict) and isinstance(results.get(key), dict):
+      results[key].update(value)
+    else:
+      results[key] = value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -466,11 +487,12 @@ def adversarial_sample_metrics(in_confidences, confidence, predicted, labels, nu
 def _data_free(ctx):
   """The test unit's stand-ins when the in-distribution data is absent.
 
-  Records what is not run in results['data_free'] (and adv_samples in the skipped sets), sets
-  results['test'] to None and the noise to uniform noise only. Returns the source batches of zero
-  images for the noise: as many as max_examples, else the test set's recorded size.
+  Sets the noise to uniform noise only. Returns the source batches of zero images for the noise
+  (as many as max_examples, else the test set's recorded size) and the results entries: what is
+  not run (data_free, adv_samples in the skipped sets), test None, the noise config used.
   """
-  info, results = ctx.info, ctx.results
+  info = ctx.info
+  entries = {'skipped': {}}
   reason = (
     f'the {info.name} data is not on this machine (recorded shape and classes used, see '
     'known_datasets)'
@@ -485,22 +507,22 @@ def _data_free(ctx):
       f'{info.name} images; every noise image here is blurred uniform noise.'
     )
   if 'adv_samples' in ctx.requested:
-    results['skipped']['adv_samples'] = f'needs the test set: {reason}.'
-  results['data_free'] = notes
+    entries['skipped']['adv_samples'] = f'needs the test set: {reason}.'
+  entries.update(data_free=notes, test=None)
   logging.warning('No in-distribution data: %s', ' '.join(notes.values()))
-  results['test'] = None
   noise_config = ml_collections.ConfigDict(dict(ctx.noise_config), type_safe=False)
   noise_config.permuted_fraction = 0.0  # Nothing to permute: uniform start only.
   ctx.noise_config = noise_config
-  results['noise_config'] = json.loads(noise_config.to_json())
+  entries['noise_config'] = json.loads(noise_config.to_json())
   n, size = int(min(ctx.cap, info.num_test_examples)), ctx.settings.batch_size
-  return [
+  batches = [
     (
       tf.zeros([min(size, n - i), *info.image_shape], tf.float32),
       tf.zeros([min(size, n - i)], tf.int32),
     )
     for i in range(0, n, size)
   ]
+  return batches, entries
 
 
 def _zero_labels(batches):

@@ -27,176 +27,15 @@ import tempfile
 
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
 from acet_tf.artifacts import export_layout
 from acet_tf.artifacts import runs
-from acet_tf.data import input_pipeline
-from acet_tf.evaluation import evaluator
 from acet_tf.evaluation import ood_metrics
+from acet_tf.exporting import abstaining_classifier
+from acet_tf.exporting import calibration
 
 METADATA_FILENAME = 'metadata.json'
-SIGNATURES = ('serving_default', 'serving_uint8', 'with_threshold', 'serving_image_bytes')
-OUTPUTS = ('probabilities', 'confidence', 'predicted_class', 'class_name', 'accepted')
-# Inclusive value range of each signature input; the server checks requests against these.
-INPUT_RANGES = {
-  'serving_default': {'images': (0.0, 1.0)},
-  'serving_uint8': {'images': (0, 255)},
-  'with_threshold': {'images': (0.0, 1.0), 'threshold': (0.0, 1.0)},
-  'serving_image_bytes': {'image_bytes': None},  # Encoded files: no numeric range.
-}
-CALIBRATION_RULE = (
-  'auto: the largest threshold t such that at least {keep:.0%} of the correctly classified '
-  'in-distribution test points have confidence >= t (ood_metrics.calibrate_threshold, '
-  'keep={keep}), computed on the first {n} points of the {dataset} test split. The accept '
-  'rates below are measured on those same points, so the test rate is in-sample.'
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# The exported module.
-# ----------------------------------------------------------------------------------------------
-
-
-_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma.
-
-
-def decode_images(image_bytes, image_shape):
-  """Encoded image files -> float32 [N, H, W, C] in [0, 1], as the model's inputs are made.
-
-  image_bytes: string [N], each a PNG, JPEG, GIF (first frame) or BMP file. Only standard ops
-  (DecodeImage, a while loop), so TensorFlow Serving runs it. Each image is converted to C channels
-  (alpha dropped; RGB -> gray with ITU-R 601 weights, which sum to 1 so a gray image saved as RGB
-  (GIF, some PNGs) gives its gray values back; gray -> RGB by copying),
-  then scaled to [0, 1] as pixel / 255 like the training data (input_pipeline), and resized to
-  H x W only if its size differs: the datasets are used at their native size, so a file of that
-  size gives exactly the training pixels; other sizes are stretched to H x W (aspect ratio not
-  kept): an area average when shrinking (exact for integer factors), bilinear when enlarging.
-  A file that is not a decodable image fails the whole call with InvalidArgumentError.
-  """
-  h, w, c = image_shape
-  if c not in (1, 3):
-    raise ValueError(f'decode_images handles 1 or 3 channels, the model has {c}.')
-
-  def one(data):
-    image = tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
-    image = tf.cast(image, tf.float32) / 255.0  # [h, w, 1..4].
-    n = tf.shape(image)[-1]
-    image = image[..., : tf.where(n % 2 == 0, n - 1, n)]  # Drops alpha: 1 or 3 channels left.
-    if c == 1:
-      image = tf.cond(
-        tf.shape(image)[-1] == 3,
-        lambda: tf.reduce_sum(image * _GRAY_WEIGHTS, axis=-1, keepdims=True),
-        lambda: image,
-      )
-    else:
-      image = tf.cond(
-        tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image
-      )
-    image = tf.ensure_shape(image, [None, None, c])
-    size = tf.shape(image)[:2]
-    same = tf.reduce_all(size == tf.constant([h, w]))
-    shrink = tf.reduce_all(size >= tf.constant([h, w]))
-    image = tf.cond(
-      same,
-      lambda: image,
-      lambda: tf.clip_by_value(
-        tf.cond(
-          shrink,
-          lambda: tf.image.resize(image, [h, w], method='area'),
-          lambda: tf.image.resize(image, [h, w], method='bilinear', antialias=True),
-        ),
-        0.0,
-        1.0,
-      ),
-    )
-    return tf.ensure_shape(image, [h, w, c])
-
-  return tf.map_fn(one, image_bytes, fn_output_signature=tf.TensorSpec([h, w, c], tf.float32))
-
-
-class AbstainingClassifier(tf.Module):
-  """A classifier that reports its confidence and abstains below `threshold`.
-
-  Attributes saved with it: `model` (the Keras model's weights), `threshold` (a float32 variable),
-  the tf.functions of SIGNATURES and `set_threshold(t)`.
-  """
-
-  def __init__(self, model, image_shape, threshold, class_names):
-    super().__init__(name='abstaining_classifier')
-    self.model = model
-    # A constant in the graph, so TF Serving returns the names with no lookup on the client.
-    names = tf.constant([str(n) for n in class_names], tf.string)
-    self.threshold = tf.Variable(
-      float(threshold), dtype=tf.float32, trainable=False, name='threshold'
-    )
-    shape = [None] + list(image_shape)
-    images_f32 = tf.TensorSpec(shape, tf.float32, name='images')
-    images_u8 = tf.TensorSpec(shape, tf.uint8, name='images')
-    scalar = tf.TensorSpec([], tf.float32, name='threshold')
-    # TF Serving's REST API takes DT_STRING values as {"b64": ...}; the _bytes suffix is the name
-    # other TF serving front ends look for.
-    encoded = tf.TensorSpec([None], tf.string, name='image_bytes')
-
-    # The checks guard TensorFlow Serving, which has no other input validation; acet_tf.serve
-    # validates requests before they get here and names the problem.
-    def classify(images, threshold):
-      tf.debugging.assert_all_finite(images, 'images must be finite')
-      tf.debugging.assert_greater_equal(images, 0.0, 'images must be in [0, 1]')
-      tf.debugging.assert_less_equal(images, 1.0, 'images must be in [0, 1]')
-      probs = tf.nn.softmax(tf.cast(self.model(images, training=False), tf.float32))
-      confidence = tf.reduce_max(probs, axis=1)
-      predicted = tf.argmax(probs, axis=1, output_type=tf.int32)
-      return {
-        'probabilities': probs,
-        'confidence': confidence,
-        'predicted_class': predicted,
-        'class_name': tf.gather(names, predicted),
-        'accepted': confidence >= threshold,
-      }
-
-    def check_threshold(threshold):
-      tf.debugging.assert_all_finite(threshold, 'threshold must be finite')
-      tf.debugging.assert_greater_equal(threshold, 0.0, 'threshold must be in [0, 1]')
-      tf.debugging.assert_less_equal(threshold, 1.0, 'threshold must be in [0, 1]')
-
-    @tf.function(input_signature=[images_f32])
-    def serving_default(images):
-      return classify(images, self.threshold)
-
-    @tf.function(input_signature=[images_u8])
-    def serving_uint8(images):
-      return classify(tf.cast(images, tf.float32) / 255.0, self.threshold)
-
-    @tf.function(input_signature=[images_f32, scalar])
-    def with_threshold(images, threshold):
-      check_threshold(threshold)
-      return classify(images, threshold)
-
-    @tf.function(input_signature=[encoded])
-    def serving_image_bytes(image_bytes):
-      return classify(decode_images(image_bytes, image_shape), self.threshold)
-
-    @tf.function(input_signature=[scalar])
-    def set_threshold(threshold):
-      check_threshold(threshold)
-      self.threshold.assign(threshold)
-      return self.threshold.read_value()
-
-    self.serving_default = serving_default
-    self.serving_uint8 = serving_uint8
-    self.with_threshold = with_threshold
-    self.serving_image_bytes = serving_image_bytes
-    self.set_threshold = set_threshold
-
-  def signatures(self):
-    return {name: getattr(self, name).get_concrete_function() for name in SIGNATURES}
-
-
-# ----------------------------------------------------------------------------------------------
-# Versions.
-# ----------------------------------------------------------------------------------------------
 
 
 def _next_version(export_dir, version):
@@ -227,114 +66,6 @@ def parse_threshold(value):
   return float(value)
 
 
-# ----------------------------------------------------------------------------------------------
-# Calibration and accept rates.
-# ----------------------------------------------------------------------------------------------
-
-
-def _images(batches):
-  """[(images, labels)] -> the images, float32 [N, H, W, C] numpy."""
-  return np.concatenate([np.asarray(x) for x, _ in batches])
-
-
-def measure_sets(model, config, info, num_examples, adv_noise_examples):
-  """The test set, noise and adversarial noise, with the model's predictions on them.
-
-  The evaluator's units test, noise and adv_noise (evaluator.evaluate_training_sets, as the
-  trainer's periodic evaluation: the same seeds, noise config and eval.adv_noise_* attack) on the
-  first `num_examples` test points. Without the data (`info.has_data` False) there is no 'test'
-  entry and the noise is uniform noise only (num_examples images, at most the recorded test size;
-  the permuted half needs test images).
-
-  Returns:
-    {'test', 'noise', 'adv_noise'} -> (images float32 [n, H, W, C] in [0, 1],
-    evaluation.Predictions); 'adv_noise' is absent when adv_noise_examples == 0.
-  """
-  if num_examples < 1:
-    raise ValueError(f'num_examples must be >= 1, got {num_examples}.')
-  if adv_noise_examples < 0:
-    raise ValueError(f'adv_noise_examples must be >= 0, got {adv_noise_examples}.')
-  test = None
-  if info.has_data:
-    test = input_pipeline.eval_dataset(
-      config.dataset,
-      'test',
-      config.eval.batch_size,
-      data_dir=config.data_dir or None,
-      max_examples=num_examples,
-      options=input_pipeline.options_from_config(config),
-    )
-  ctx = evaluator.evaluate_training_sets(
-    model,
-    config,
-    info,
-    test,
-    max_examples=num_examples,
-    adv_noise_examples=adv_noise_examples or None,
-    sets=('noise', 'adv_noise') if adv_noise_examples else ('noise',),
-  )
-  return {
-    name: (_images(ctx.batches[name]), ctx.predictions[name])
-    for name in ('test', 'noise', 'adv_noise')
-    if name in ctx.predictions
-  }
-
-
-def accept_rates(sets, threshold):
-  """Share of each set with confidence >= threshold, and the test error among accepted points.
-
-  Without a 'test' set (no data) the test rates are absent; the metadata says why.
-  """
-  rates = {}
-  if 'test' in sets:
-    rates.update(_test_rates(sets['test'][1], threshold))
-  for name in ('noise', 'adv_noise'):
-    if name in sets:
-      rates[name] = float((sets[name][1].confidence >= threshold).mean())
-  return rates
-
-
-def _test_rates(test, threshold):
-  correct = test.predicted == test.labels
-  accepted = test.confidence >= threshold
-  rates = {
-    'test': float(accepted.mean()),
-    'test_correct': float(accepted[correct].mean()) if correct.any() else None,
-    'test_error_of_accepted': (float(1.0 - correct[accepted].mean()) if accepted.any() else None),
-    'test_error': float(1.0 - correct.mean()),
-  }
-  return rates
-
-
-def demo_request(sets, per_kind, class_names=None):
-  """A REST request for acet_tf.serve with `per_kind` images of each set, plus their descriptions.
-
-  Test images are described by their label's name in `class_names` if given.
-
-  Returns {'signature_name', 'instances': float [n, H, W, C] lists, 'descriptions': [n] str};
-  tools/client.py sends all but 'descriptions'. Floats are float32 values written exactly.
-  """
-  if per_kind < 1:
-    raise ValueError(f'demo_examples must be >= 1, got {per_kind}.')
-  instances, descriptions = [], []
-  for name, (images, pred) in sets.items():
-    if len(images) < per_kind:
-      raise ValueError(f'demo_examples={per_kind} but only {len(images)} {name} images were made.')
-    instances.extend(images[:per_kind].tolist())
-    if name == 'test':
-      descriptions += [
-        f'test image, label {class_names[y] if class_names else y}' for y in pred.labels[:per_kind]
-      ]
-    else:
-      descriptions += [f'{name} image {i}' for i in range(per_kind)]
-  return {'signature_name': 'serving_default', 'instances': instances, 'descriptions': descriptions}
-
-
-# ----------------------------------------------------------------------------------------------
-# Export.
-# ----------------------------------------------------------------------------------------------
-
-
 def export_model(
   workdir,
   export_dir,
@@ -354,12 +85,12 @@ def export_model(
       only a given threshold works and the noise is uniform noise only).
     export_dir: base directory of the versions.
     version: positive int, or None for one more than the largest existing version.
-    threshold: 'auto' (calibrated, see CALIBRATION_RULE) or a float in [0, 1].
+    threshold: 'auto' (calibrated, see calibration.CALIBRATION_RULE) or a float in [0, 1].
     keep: share of correctly classified test points that 'auto' keeps accepted, in (0, 1].
     num_examples: test points for calibration and accept rates; None: config.eval.max_examples.
     adv_noise_examples: adversarial noise images for the accept rate; None:
       config.eval.adv_noise_examples; 0: skipped.
-    demo_request_path: if set, also writes demo_request(...) JSON there.
+    demo_request_path: if set, also writes calibration.demo_request(...) JSON there.
     demo_examples: images per kind in the demo request.
 
   Returns:
@@ -377,11 +108,11 @@ def export_model(
   adv_noise_examples = (
     config.eval.adv_noise_examples if adv_noise_examples is None else adv_noise_examples
   )
-  sets = measure_sets(model, config, info, num_examples, adv_noise_examples)
+  sets = calibration.measure_sets(model, config, info, num_examples, adv_noise_examples)
   if threshold == 'auto':
     test = sets['test'][1]
     value = ood_metrics.calibrate_threshold(test.confidence, test.predicted == test.labels, keep)
-    how = CALIBRATION_RULE.format(keep=keep, n=len(test.labels), dataset=config.dataset)
+    how = calibration.CALIBRATION_RULE.format(keep=keep, n=len(test.labels), dataset=config.dataset)
   else:
     value, how = threshold, 'given on the command line (--threshold)'
   counts = {name: len(pred.labels) for name, (_, pred) in sets.items()}
@@ -402,10 +133,13 @@ def export_model(
     },
     'signatures': {
       name: {
-        'inputs': {k: None if r is None else list(r) for k, r in INPUT_RANGES[name].items()},
-        'outputs': list(OUTPUTS),
+        'inputs': {
+          k: None if r is None else list(r)
+          for k, r in abstaining_classifier.INPUT_RANGES[name].items()
+        },
+        'outputs': list(abstaining_classifier.OUTPUTS),
       }
-      for name in SIGNATURES
+      for name in abstaining_classifier.SIGNATURES
     },
     'threshold': {
       'value': value,
@@ -413,7 +147,7 @@ def export_model(
       'mode': 'auto' if threshold == 'auto' else 'fixed',
       'keep': keep if threshold == 'auto' else None,
       'accepted': 'confidence >= threshold, confidence = max softmax probability',
-      'accept_rates': accept_rates(sets, value),
+      'accept_rates': calibration.accept_rates(sets, value),
       'not_measured': {}
       if info.has_data
       else {
@@ -445,7 +179,9 @@ def export_model(
   # Saved beside the final path and renamed when complete, so a server watching export_dir
   # (TensorFlow Serving does) never loads a half-written version.
   tmp_path = os.path.join(export_dir, f'.tmp-{version}-{os.getpid()}')
-  module = AbstainingClassifier(model, info.image_shape, value, info.class_names)
+  module = abstaining_classifier.AbstainingClassifier(
+    model, info.image_shape, value, info.class_names
+  )
   try:
     with tempfile.TemporaryDirectory() as tmp:
       asset = os.path.join(tmp, METADATA_FILENAME)
@@ -472,6 +208,6 @@ def export_model(
   )
   if demo_request_path:
     with tf.io.gfile.GFile(demo_request_path, 'w') as f:
-      json.dump(demo_request(sets, demo_examples, info.class_names), f)
+      json.dump(calibration.demo_request(sets, demo_examples, info.class_names), f)
     logging.info('Wrote a demo request to %s.', demo_request_path)
   return final_path, metadata

@@ -1,11 +1,11 @@
-"""The classifiers, chosen by name from the config (`config.model`).
+"""The classifiers, chosen by name from the config (`config.model`). May import: nothing else of
+acet_tf.
 
 Every model maps images float32 [B, H, W, C] in [0, 1] to logits float32 [B, K] (no softmax, no
-input
-normalisation) and uses only ReLU, max/average pooling and (at inference) affine batch norm, so the
-logits are piecewise affine in the input, the setting of the paper's Theorem 3.1. Your own model is
-named 'package.module:factory' (models/factory.py: checked at creation, warned about if it is not
-piecewise affine).
+input normalisation) and uses only ReLU, max/average pooling and (at inference) affine batch norm,
+so the logits are piecewise affine in the input, the setting of the paper's Theorem 3.1. Your own
+model is named 'package.module:factory' (models/factory.py: checked at creation, warned about if it
+is not piecewise affine).
 """
 
 from acet_tf.models import factory

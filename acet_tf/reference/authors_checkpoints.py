@@ -317,7 +317,7 @@ def file_sha256(path):
 def import_checkpoint(checkpoint, workdir, config, *, run_name=None, config_source=None):
   """Imports the TF 1 checkpoint `checkpoint` into a new acet_tf run directory `workdir`.
 
-  Writes (runs.py's layout) config.json (`config`), checkpoints/ckpt-<step> (a
+  Writes (artifacts/runs.py's layout) config.json (`config`), checkpoints/ckpt-<step> (a
   tf.train.Checkpoint(model=...) with the model's weights and batch-norm statistics; step = the
   reference's global step) and source.json (paths, run name, sha256 of the imported weights and
   of the checkpoint files). Nothing is written unless every variable fits.
@@ -340,7 +340,7 @@ def import_checkpoint(checkpoint, workdir, config, *, run_name=None, config_sour
       f"The checkpoint holds the reference's {architecture} (acet_tf "
       f'{ARCHITECTURES[architecture]!r}) but config.model is {config.model!r}.'
     )
-  info = known_datasets.get_info(config.dataset, config.data_dir or None)
+  info = known_datasets.info_or_recorded(config.dataset, config.data_dir or None)
   model = models.create_model(config.model, info.image_shape, info.num_classes)
   load_into(model, weights, architecture)  # Raises before anything is written.
   step_source = f"the checkpoint's global step ({STEP_VARIABLE!r})"

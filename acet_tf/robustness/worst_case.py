@@ -1,14 +1,13 @@
 """Several attacks, restarts and starting points on one set; the worst case per point.
 
-An `Attack` names one attack (the paper's PGD or APGD) with its budget. `attack_confidences` runs
-every attack on batches of ball centres (noise images, uniform noise, out-set images) and returns
-per attack the confidence (max softmax by the evaluator's predict function) at the attack's best
-point. The worst case of a point is the highest confidence any attack reached in its ball(s): the
-objective of the attacks (max log-confidence) is monotone in the confidence, so the highest
-objective is the highest confidence.
+An attack_spec.Attack names one attack (the paper's PGD or APGD) with its budget.
+`attack_confidences` runs every attack on batches of ball centres (noise images, uniform noise, out-
+set images) and returns per attack the confidence (max softmax by the evaluator's predict function)
+at the attack's best point. The worst case of a point is the highest confidence any attack reached
+in its ball(s): the objective of the attacks (max log-confidence) is monotone in the confidence, so
+the highest objective is the highest confidence.
 """
 
-import dataclasses
 import time
 
 from absl import logging
@@ -17,48 +16,6 @@ import tensorflow as tf
 
 from acet_tf.ops import pgd
 from acet_tf.robustness import apgd
-
-KINDS = ('pgd', 'apgd')
-
-
-@dataclasses.dataclass(frozen=True)
-class Attack:
-  """One attack with its budget.
-
-  name: key in results.json ('pgd_paper', 'apgd', ...).
-  kind: 'pgd' (pgd.pgd, the paper's attack: sign steps of step_fraction * eps) or 'apgd'
-    (apgd.apgd).
-  steps: iterations per restart; restarts: independent random starts, the best kept per point.
-  step_fraction: PGD's step as a fraction of eps (the paper's 0.0075 at eps 0.3 is 0.025), so one
-    attack serves every radius; unused by APGD, whose schedule starts at 2 eps.
-  random_start: restart 0 starts inside the ball at random (False: at the centre; restarts >= 1
-    always start at random).
-  """
-
-  name: str
-  kind: str
-  steps: int
-  restarts: int = 1
-  step_fraction: float | None = None
-  random_start: bool = True
-
-  def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f'Attack {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}')
-    if self.steps < 0 or self.restarts < 1:
-      raise ValueError(
-        f'Attack {self.name!r}: steps must be >= 0 and restarts >= 1, got '
-        f'{self.steps} and {self.restarts}'
-      )
-    if self.kind == 'pgd' and not (self.step_fraction and self.step_fraction > 0):
-      raise ValueError(
-        f'Attack {self.name!r}: PGD needs step_fraction > 0, got {self.step_fraction}'
-      )
-
-  @property
-  def passes(self):
-    """Forward (+ input-gradient) passes per point."""
-    return self.restarts * (self.steps + (2 if self.kind == 'pgd' else 1))
 
 
 def restart_seed(seed, r):
@@ -115,7 +72,7 @@ def attack_confidences(
     logits_fn: images -> logits (inference mode), what the attacks differentiate.
     predict_fn: images -> probabilities [B, K], what the confidences are read from.
     batches: list of (images float32 [b, ...] in [0, 1], labels int [b]).
-    attack_list: sequence of Attack with distinct names.
+    attack_list: sequence of attack_spec.Attack with distinct names.
     eps: L-inf radius > 0.
     seed: int [2]; batch i of every attack uses fold_in(seed, i), as evaluation.attack_batches.
     objective: default pgd.max_log_confidence_objective.
@@ -126,7 +83,7 @@ def attack_confidences(
   """
   names = [a.name for a in attack_list]
   if len(set(names)) != len(names):
-    raise ValueError(f'Attack names must be distinct, got {names}')
+    raise ValueError(f'attack_spec.Attack names must be distinct, got {names}')
   objective = objective or pgd.max_log_confidence_objective
   out = {}
   for attack in attack_list:
@@ -161,6 +118,6 @@ def worst_case(confidences):
     raise ValueError('worst_case needs at least one attack result.')
   sizes = {k: np.size(v) for k, v in confidences.items()}
   if len(set(sizes.values())) != 1:
-    raise ValueError(f'Attack results cover different numbers of points: {sizes}')
+    raise ValueError(f'attack_spec.Attack results cover different numbers of points: {sizes}')
   stacked = np.stack([np.asarray(v, np.float64) for v in confidences.values()])
   return stacked.max(axis=0), stacked.argmax(axis=0)

@@ -149,3 +149,30 @@ class ModelVersions:
       }
       for v, (state, msg) in sorted(states.items(), reverse=True)
     ]
+
+
+class SingleVersion:
+  """ModelVersions' interface over one loaded served_model.ServedModel (no directory watching)."""
+
+  def __init__(self, model):
+    self._model = model
+
+  def get(self, version=None):
+    if version is not None and version != self._model.version:
+      raise VersionNotFoundError(
+        f'Version {version} is not served; the server serves version(s) [{self._model.version}].'
+      )
+    return self._model
+
+  def status(self, version=None):
+    self.get(version)
+    return [
+      {
+        'version': str(self._model.version),
+        'state': 'AVAILABLE',
+        'status': {'error_code': 'OK', 'error_message': ''},
+      }
+    ]
+
+  def close(self):
+    pass

@@ -15,7 +15,7 @@ import tensorflow as tf
 from acet_tf import models
 from acet_tf.artifacts import runs
 from acet_tf.data import input_pipeline
-from acet_tf.evaluation import evaluator
+from acet_tf.evaluation import training_sets
 from acet_tf.training import distribution
 from acet_tf.training import train_step
 
@@ -289,7 +289,7 @@ def train_and_evaluate(config, workdir, *, hooks=()):
   )
 
   def run_eval(step):
-    scalars, images = evaluator.evaluate_during_training(model, config, info, test_dataset)
+    scalars, images = training_sets.evaluate_during_training(model, config, info, test_dataset)
     # Named like the keys of final_metrics.json: test/error, noise/mmc, adv_noise/mmc, ...
     write_scalars(writer, step, scalars)
     with writer.as_default(step=step):

@@ -16,6 +16,7 @@ from acet_tf.evaluation import evaluator
 from acet_tf.evaluation import settings as settings_lib
 from acet_tf.exporting import exporter
 from acet_tf.serving import rest_app
+from acet_tf.serving import served_model
 from acet_tf.training import trainer
 from tests import support
 from tools import make_image_folder
@@ -68,7 +69,7 @@ def assert_named(rows, names=NAMES):
 
 
 def predict_in_process(export_dir, images, signature='serving_default'):
-  client = werkzeug_test.Client(rest_app.RestApp(rest_app.ServedModel(export_dir), 'mine'))
+  client = werkzeug_test.Client(rest_app.RestApp(served_model.ServedModel(export_dir), 'mine'))
   body = {'signature_name': signature, 'instances': images.tolist()}
   response = client.post('/v1/models/mine:predict', json=body)
   assert response.status_code == 200, response.get_data(as_text=True)
@@ -88,7 +89,7 @@ def test_image_folder_to_served_class_names(tmp_path):
   )
   images, _ = held_out_images(config)
   # The real server binary over HTTP, as a user would run it.
-  proc, url = support.start_server(export_dir, 'shapes', tmp_path / 'rest_app.txt')
+  proc, url = support.start_server(export_dir, 'shapes', tmp_path / 'server.txt')
   try:
     base = f'{url}/v1/models/shapes'
     request = urllib.request.Request(
@@ -136,5 +137,7 @@ def test_model_by_name_to_served_class_names(tmp_path):
   assert images.shape[1:] == (16, 16, 1)
   rows = predict_in_process(export_dir, images, signature='serving_default')
   assert_named(rows)
-  with open(os.path.join(rest_app.ServedModel(export_dir).path, 'assets', 'metadata.json')) as f:
+  with open(
+    os.path.join(served_model.ServedModel(export_dir).path, 'assets', 'metadata.json')
+  ) as f:
     assert json.load(f)['model'] == 'tests.model_factories:small_cnn'

@@ -11,7 +11,7 @@ import tensorflow as tf
 from acet_tf.configs import custom
 from acet_tf.data import custom_data
 from acet_tf.data import input_pipeline
-from acet_tf.exporting import exporter
+from acet_tf.exporting import abstaining_classifier
 from acet_tf.training import trainer
 from tests import support
 
@@ -97,7 +97,9 @@ def test_conversion_equals_the_served_image_bytes_decoding(tmp_path):
     stored = {x.tobytes() for split in ('train', 'test') for x in _arrays(name, split, options)[0]}
     for path in written:
       with open(path, 'rb') as f:
-        served = exporter.decode_images(tf.constant([f.read()]), info.image_shape)[0].numpy()
+        served = abstaining_classifier.decode_images(tf.constant([f.read()]), info.image_shape)[
+          0
+        ].numpy()
       assert served.tobytes() in stored, (path, image_size, channels)
   grey_root = str(tmp_path / 'grey')
   support.make_image_folder(grey_root, ['a', 'b'], per_class=4, channels=1, formats=('png', 'jpg'))

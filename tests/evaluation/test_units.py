@@ -24,13 +24,14 @@ from acet_tf.evaluation import evaluator
 from acet_tf.evaluation import ood_metrics
 from acet_tf.evaluation import predictions as predictions_lib
 from acet_tf.evaluation import settings as settings_lib
+from acet_tf.evaluation import training_sets
 from acet_tf.evaluation import units
-from acet_tf.exporting import exporter
+from acet_tf.exporting import calibration
 from acet_tf.ops import pgd
 
 
 def _before_trainer(model, config, test_dataset):
-  """predictions_lib.evaluate_during_training as it was: (scalars, images)."""
+  """evaluate_during_training as it was: (scalars, images)."""
   predict = predictions_lib.make_predict_fn(model)
   test = predictions_lib.predict_batches(predict, test_dataset)
   noise = list(
@@ -64,7 +65,7 @@ def _before_trainer(model, config, test_dataset):
 
 
 def _before_export(model, config, num_examples, adv_noise_examples, info):
-  """exporter.measure_sets as it was: {name: (images, Predictions)}."""
+  """calibration.measure_sets as it was: {name: (images, Predictions)}."""
   predict = predictions_lib.make_predict_fn(model)
   noise_config = config.noise
   if info.has_data:
@@ -145,13 +146,14 @@ def _assert_same_sets(new, old):
 
 def test_trainer_evaluation_runs_the_units_with_the_numbers_of_before():
   model, config, info = _small_run()
-  scalars, images = evaluator.evaluate_during_training(model, config, info, _test_dataset(config))
+  test = _test_dataset(config)
+  scalars, images = training_sets.evaluate_during_training(model, config, info, test)
   old_scalars, old_images = _before_trainer(model, config, _test_dataset(config))
   assert scalars == old_scalars  # Bit for bit, not approximately.
   for key, batch in old_images.items():
     np.testing.assert_array_equal(images[key], batch)
   # The units ran with the run's settings: 30 attacked noise images, one restart.
-  ctx = evaluator.evaluate_training_sets(model, config, info, _test_dataset(config))
+  ctx = training_sets.evaluate_training_sets(model, config, info, _test_dataset(config))
   assert ctx.units == ('test', 'out_sets', 'noise', 'adv_noise')
   assert len(ctx.predictions['adv_noise'].confidence) == 30
   assert ctx.results['out_sets']['noise']['num_examples'] == 64
@@ -162,13 +164,13 @@ def test_trainer_evaluation_runs_the_units_with_the_numbers_of_before():
 def test_export_sets_run_the_units_with_the_numbers_of_before(has_data):
   model, config, info = _small_run()
   info = dataclasses.replace(info, has_data=has_data)
-  new = exporter.measure_sets(model, config, info, 40, 30)
+  new = calibration.measure_sets(model, config, info, 40, 30)
   old = _before_export(model, config, 40, 30, info)
   _assert_same_sets(new, old)
   assert ('test' in new) == has_data and len(new['adv_noise'][1].labels) == 30
   for threshold in (0.1, 0.5):
-    assert exporter.accept_rates(new, threshold) == exporter.accept_rates(old, threshold)
-  no_attack = exporter.measure_sets(model, config, info, 40, 0)
+    assert calibration.accept_rates(new, threshold) == calibration.accept_rates(old, threshold)
+  no_attack = calibration.measure_sets(model, config, info, 40, 0)
   assert 'adv_noise' not in no_attack
   np.testing.assert_array_equal(no_attack['noise'][0], old['noise'][0])
 
@@ -199,7 +201,7 @@ def test_export_threshold_and_accept_rates_are_the_numbers_of_before(exported_ru
   value = ood_metrics.calibrate_threshold(test.confidence, test.predicted == test.labels, 0.95)
   threshold = exported_run['metadata']['threshold']
   assert threshold['value'] == value
-  assert threshold['accept_rates'] == exporter.accept_rates(sets, value)
+  assert threshold['accept_rates'] == calibration.accept_rates(sets, value)
   assert threshold['mmc'] == {
     name: ood_metrics.mean_max_confidence(pred.confidence) for name, (_, pred) in sets.items()
   }

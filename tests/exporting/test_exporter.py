@@ -11,6 +11,7 @@ import pytest
 from acet_tf.configs import mnist5k
 from acet_tf.evaluation import ood_metrics
 from acet_tf.evaluation import predictions as predictions_lib
+from acet_tf.exporting import abstaining_classifier
 from acet_tf.exporting import exporter
 from tests.support import digits
 from tests.support import keras_outputs
@@ -86,7 +87,7 @@ def test_fresh_process_matches_keras_and_threshold_variable_works(run, tmp_path)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   got = np.load(tmp_path / 'out.npz')
 
-  assert result['signatures'] == sorted(exporter.SIGNATURES)
+  assert result['signatures'] == sorted(abstaining_classifier.SIGNATURES)
   assert result['stored_threshold'] == pytest.approx(threshold, abs=1e-7)
   assert result['metadata_threshold'] == threshold
   for key in ('f32', 'u8'):  # u8 holds the same pixels as f32, so Keras' answer is the same.
@@ -117,9 +118,9 @@ def test_saved_model_cli_lists_the_signatures(run):
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
-  for name in exporter.SIGNATURES:
+  for name in abstaining_classifier.SIGNATURES:
     assert f"signature_def['{name}']" in out
-  for output in exporter.OUTPUTS:
+  for output in abstaining_classifier.OUTPUTS:
     assert f"outputs['{output}']" in out
   assert out.count('DT_UINT8') == 1  # Only serving_uint8's input.
   assert "inputs['threshold']" in out

@@ -9,6 +9,7 @@ import tensorflow as tf
 from acet_tf.ops import losses
 from acet_tf.ops import pgd
 from acet_tf.robustness import apgd
+from acet_tf.robustness import attack_spec
 from acet_tf.robustness import worst_case
 
 SEED = tf.constant([0, 1], tf.int64)
@@ -92,8 +93,8 @@ def test_worst_case_is_the_maximum_over_attacks_and_at_least_each():
   x0 = tf.random.stateless_uniform([32, 8, 8, 1], seed=[5, 6])
   batches = [(x0[:16], tf.zeros([16], tf.int32)), (x0[16:], tf.zeros([16], tf.int32))]
   attack_list = [
-    worst_case.Attack('pgd', 'pgd', 10, step_fraction=0.1),
-    worst_case.Attack('apgd', 'apgd', 10, restarts=2),
+    attack_spec.Attack('pgd', 'pgd', 10, step_fraction=0.1),
+    attack_spec.Attack('apgd', 'apgd', 10, restarts=2),
   ]
   out = worst_case.attack_confidences(logits_fn, predict, batches, attack_list, eps=0.3, seed=SEED)
   conf = {k: v['confidence'] for k, v in out.items()}
@@ -109,10 +110,10 @@ def test_worst_case_is_the_maximum_over_attacks_and_at_least_each():
 
 def test_bad_attacks_are_refused():
   with pytest.raises(ValueError, match='kind'):
-    worst_case.Attack('x', 'fgsm', 10)
+    attack_spec.Attack('x', 'fgsm', 10)
   with pytest.raises(ValueError, match='step_fraction'):
-    worst_case.Attack('x', 'pgd', 10)
+    attack_spec.Attack('x', 'pgd', 10)
   with pytest.raises(ValueError, match='distinct'):
     worst_case.attack_confidences(
-      None, None, [], [worst_case.Attack('a', 'apgd', 1)] * 2, eps=0.1, seed=SEED
+      None, None, [], [attack_spec.Attack('a', 'apgd', 1)] * 2, eps=0.1, seed=SEED
     )

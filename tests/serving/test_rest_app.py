@@ -25,10 +25,12 @@ import tensorflow as tf
 from werkzeug import test as werkzeug_test
 
 from acet_tf.artifacts import export_layout
-from acet_tf.exporting import exporter
+from acet_tf.exporting import abstaining_classifier
+from acet_tf.serving import codec
 from acet_tf.serving import dynamic_batching
 from acet_tf.serving import model_versions
-from acet_tf.serving import rest_app as server_lib
+from acet_tf.serving import rest_app
+from acet_tf.serving import served_model
 from tests import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -510,7 +512,7 @@ def test_client_prints_decisions(run, server):
 
 @pytest.mark.slow
 def test_threshold_override_in_process(run):
-  app = server_lib.create_app(run['export_dir'], NAME, threshold=0.0)
+  app = rest_app.create_app(run['export_dir'], NAME, threshold=0.0)
   client = werkzeug_test.Client(app)
   images, _ = support.digits(4)
   reply = client.post(f'/v1/models/{NAME}:predict', json={'instances': images.tolist()})
@@ -524,7 +526,7 @@ def test_threshold_override_in_process(run):
   with pytest.raises(ValueError, match=r'threshold must be a number in \[0, 1\]'):
     app.model.set_threshold(1.5)
   with pytest.raises(FileNotFoundError, match='Version 3 is not a complete version'):
-    server_lib.ServedModel(run['export_dir'], version=3)
+    served_model.ServedModel(run['export_dir'], version=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,9 +581,9 @@ def test_image_pixels_reads_the_header_of_each_format():
   for fmt in ('PNG', 'GIF', 'BMP', 'JPEG'):
     buf = io.BytesIO()
     Image.fromarray(np.zeros((30, 70), np.uint8), 'L').save(buf, fmt)
-    assert server_lib.image_pixels(buf.getvalue()) == 2100, fmt
-  assert server_lib.image_pixels(b'\x89PNG\r\n') is None
-  assert server_lib.image_pixels(b'\xff\xd8\xff garbage') is None
+    assert codec.image_pixels(buf.getvalue()) == 2100, fmt
+  assert codec.image_pixels(b'\x89PNG\r\n') is None
+  assert codec.image_pixels(b'\xff\xd8\xff garbage') is None
 
 
 def test_decode_images_converts_channels_formats_and_sizes():
@@ -606,7 +608,7 @@ def test_decode_images_converts_channels_formats_and_sizes():
     encode(rgba, 'PNG', 'RGBA'),
     encode(gray, 'JPEG', 'L'),
   ]
-  got = exporter.decode_images(tf.constant(files), (28, 28, 1)).numpy()
+  got = abstaining_classifier.decode_images(tf.constant(files), (28, 28, 1)).numpy()
   assert got.shape == (7, 28, 28, 1) and got.dtype == np.float32
   want = gray[..., None] / 255.0
   for i in range(4):
@@ -615,7 +617,9 @@ def test_decode_images_converts_channels_formats_and_sizes():
   np.testing.assert_allclose(got[4], want_gray, atol=1e-6)
   np.testing.assert_allclose(got[5], want_gray, atol=1e-6)  # Alpha dropped.
   assert np.abs(got[6] - want).mean() < 0.05
-  color = exporter.decode_images(tf.constant(files[:1] + files[4:5]), (14, 14, 3)).numpy()
+  color = abstaining_classifier.decode_images(
+    tf.constant(files[:1] + files[4:5]), (14, 14, 3)
+  ).numpy()
   assert color.shape == (2, 14, 14, 3)
   small = gray.reshape(14, 2, 14, 2).mean(axis=(1, 3)) / 255.0
   np.testing.assert_allclose(color[0], np.repeat(small[..., None], 3, -1), atol=1e-6)
@@ -623,7 +627,7 @@ def test_decode_images_converts_channels_formats_and_sizes():
     color[1], rgb.reshape(14, 2, 14, 2, 3).mean(axis=(1, 3)) / 255.0, atol=1e-6
   )
   with pytest.raises(tf.errors.InvalidArgumentError):
-    exporter.decode_images(tf.constant([files[0][:60]]), (28, 28, 1))
+    abstaining_classifier.decode_images(tf.constant([files[0][:60]]), (28, 28, 1))
 
 
 def parse_metrics(text):
@@ -650,7 +654,7 @@ def test_metrics_count_accepted_and_abstained_per_version(run):
   move whatever the tiny test model makes of digits and noise."""
   digits, noise = support.digits(12)[0], noise_images(12)
   conf = expected(run, np.concatenate([digits, noise]))[0]['confidence']
-  app = server_lib.create_app(
+  app = rest_app.create_app(
     run['export_dir'],
     NAME,
     threshold=float(np.median(conf)),
@@ -662,7 +666,7 @@ def test_metrics_count_accepted_and_abstained_per_version(run):
     },
   )
   client = werkzeug_test.Client(app)
-  get = lambda: parse_metrics(client.get(server_lib.METRICS_PATH).get_data(as_text=True))
+  get = lambda: parse_metrics(client.get(rest_app.METRICS_PATH).get_data(as_text=True))
   key = lambda name, sig: (name, frozenset({('model_version', '1'), ('signature', sig)}))
   before = get()
   counts = {}
@@ -678,7 +682,7 @@ def test_metrics_count_accepted_and_abstained_per_version(run):
     counts[sig] = (accepted, len(images) - accepted)
   assert client.post(f'/v1/models/{NAME}:predict', data=b'{').status_code == 400
   after = get()
-  server_lib.close_app(app)
+  rest_app.close_app(app)
   reply = client.post(f'/v1/models/{NAME}:predict', json={'instances': digits[:1].tolist()})
   assert reply.status_code == 503 and 'shutting down' in reply.get_json()['error']
 

@@ -108,7 +108,7 @@ def confident_model(margin):
 
 
 def pgd_move(model, x0, step_size=0.05):
-  """PGD's step from x0: clip(x0 + step * sign(input gradient)) with pgd.py's own pass."""
+  """PGD's step from x0: clip(x0 + step * sign(input gradient)) with ops/pgd.py's own pass."""
   grad_fn = pgd.objective_and_input_gradient(
     lambda u: model(u, training=False), pgd.max_log_confidence_objective
   )

@@ -5,7 +5,7 @@ The reference below is written to be read, not to be fast: eager TensorFlow, num
 one docs/recipe.md fact at a time. Only the random draws are shared with the project (the same
 stateless seeds, drawn in the same order), so that "same seed" means the same noise and the same
 PGD start. The project's step (train_step.make_train_function with the CPU fast paths of
-pgd.py) must give the same loss and the same weights after one step.
+acet_tf/ops/pgd.py) must give the same loss and the same weights after one step.
 """
 
 import keras

@@ -15,12 +15,18 @@ A training run's own evaluation (the trainer's, the export's) is training_sets.p
 units.
 """
 
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 import dataclasses
 import os
 import time
+from typing import Any
 
 from absl import logging
+import keras
 import ml_collections
+import tensorflow as tf
 
 from acet_tf.artifacts import runs
 from acet_tf.data import input_pipeline
@@ -34,21 +40,21 @@ from acet_tf.ops import noise as noise_lib
 
 
 def evaluate_model(
-  predict_fn,
-  info,
-  test_batches,
-  settings,
+  predict_fn: Callable[[tf.Tensor], tf.Tensor],
+  info: input_pipeline.DatasetInfo,
+  test_batches: Iterable[tuple[Any, Any]] | None,
+  settings: settings_lib.Settings,
   *,
-  out_sets=None,
-  skipped=None,
-  logits_fn=None,
-  noise_config=None,
-  output_dir=None,
-  step=0,
-  description=None,
-  keras_model=None,
-  true_logits=False,
-):
+  out_sets: Mapping[str, Iterable[Any]] | None = None,
+  skipped: Mapping[str, str] | None = None,
+  logits_fn: Callable[[tf.Tensor], tf.Tensor] | None = None,
+  noise_config: ml_collections.ConfigDict | None = None,
+  output_dir: str | None = None,
+  step: int = 0,
+  description: Mapping[str, Any] | None = None,
+  keras_model: keras.Model | None = None,
+  true_logits: bool = False,
+) -> dict[str, Any]:
   """Table 1 and Table 2 for one model; the binary only calls this (via evaluate_run) and prints.
 
   Args:
@@ -120,7 +126,14 @@ def _data_options(config):
   return input_pipeline.options_from_config(config) if config is not None else None
 
 
-def evaluate_run(settings, *, workdir=None, saved_model=None, dataset=None, output_dir=None):
+def evaluate_run(
+  settings: settings_lib.Settings,
+  *,
+  workdir: str | None = None,
+  saved_model: str | None = None,
+  dataset: str | None = None,
+  output_dir: str | None = None,
+) -> dict[str, Any]:
   """Evaluates the latest checkpoint of `workdir`, or the SavedModel `saved_model`.
 
   Args:

@@ -1,5 +1,5 @@
 """A training run's own evaluation on the evaluator units: the trainer's periodic one and the
-export's calibration and accept rates (exporting/accept_rates.py).
+export's calibration and accept rates (exporting/calibration.py).
 
   evaluate_training_sets    the units test, noise and adv_noise of a Keras model with a training
                             config's settings (settings_lib.settings_from_training_config);

@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import tempfile
+from typing import Any
 
 from absl import logging
 import keras
@@ -67,17 +68,17 @@ def parse_threshold(value):
 
 
 def export_model(
-  workdir,
-  export_dir,
+  workdir: str,
+  export_dir: str,
   *,
-  version=None,
-  threshold='auto',
-  keep=0.95,
-  num_examples=None,
-  adv_noise_examples=None,
-  demo_request_path=None,
-  demo_examples=5,
-):
+  version: int | None = None,
+  threshold: str | float = 'auto',
+  keep: float = 0.95,
+  num_examples: int | None = None,
+  adv_noise_examples: int | None = None,
+  demo_request_path: str | None = None,
+  demo_examples: int = 5,
+) -> tuple[str, dict[str, Any]]:
   """Exports the latest checkpoint of `workdir` to `export_dir/<version>`.
 
   Args:

@@ -23,6 +23,8 @@ copied unchanged. Optimizer slots and the step counter are not model weights and
 import hashlib
 import re
 
+import keras
+import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -314,7 +316,14 @@ def file_sha256(path):
   return h.hexdigest()
 
 
-def import_checkpoint(checkpoint, workdir, config, *, run_name=None, config_source=None):
+def import_checkpoint(
+  checkpoint: str,
+  workdir: str,
+  config: ml_collections.ConfigDict,
+  *,
+  run_name: str | None = None,
+  config_source: str | None = None,
+) -> tuple[keras.Model, int, str]:
   """Imports the TF 1 checkpoint `checkpoint` into a new acet_tf run directory `workdir`.
 
   Writes (artifacts/runs.py's layout) config.json (`config`), checkpoints/ckpt-<step> (a

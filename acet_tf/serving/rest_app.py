@@ -15,9 +15,11 @@ create_app builds the whole stack from an export directory; runner.serve puts it
 Needs nothing of the training code: it reads only the SavedModel and its metadata asset.
 """
 
+from collections.abc import Mapping
 import functools
 import gc
 import time
+from typing import Any
 
 from absl import logging
 import orjson
@@ -202,18 +204,18 @@ def freeze_gc():
 
 
 def create_app(
-  export_dir,
-  model_name,
+  export_dir: str,
+  model_name: str,
   *,
-  version=None,
-  threshold=None,
-  max_body_bytes=16 << 20,
-  max_batch_size=1024,
-  keep_versions=1,
-  poll_interval_s=0.0,
-  batching=None,
-  tune_gc=False,
-):
+  version: int | None = None,
+  threshold: float | None = None,
+  max_body_bytes: int = 16 << 20,
+  max_batch_size: int = 1024,
+  keep_versions: int = 1,
+  poll_interval_s: float = 0.0,
+  batching: Mapping[str, Any] | None = None,
+  tune_gc: bool = False,
+) -> 'RestApp':
   """Loads the export and returns its RestApp (a WSGI callable).
 
   version: serve only this version (no watching); otherwise the newest `keep_versions`, polled

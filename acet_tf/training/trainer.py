@@ -3,13 +3,16 @@ config and resumes by itself from the workdir. The binary is acet_tf/train.py; t
 no flags.
 """
 
+from collections.abc import Sequence
 import dataclasses
 import json
 import os
 import time
+from typing import Any
 
 from absl import logging
 import keras
+import ml_collections
 import tensorflow as tf
 
 from acet_tf import models
@@ -213,7 +216,9 @@ def log_train_window(
   return metrics
 
 
-def train_and_evaluate(config, workdir, *, hooks=()):
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Any] = ()
+) -> dict[str, Any]:
   """Trains per `config`, checkpointing to and resuming from `workdir`.
 
   Resume order: the latest checkpoint in workdir/checkpoints (model, optimizer state and step;

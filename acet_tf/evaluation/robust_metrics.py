@@ -21,7 +21,6 @@ from acet_tf.robustness import worst_case
 
 UNIFORM_STREAM = 14  # Seed stream of the uniform-noise centres (evaluation.*_STREAM are 11-13).
 ATTACKED_STREAM = 15  # Seed stream of the attacks on attacked sets (folded with the set's name).
-START_NAMES = ('noise', 'uniform')  # Starts of adversarial noise.
 
 
 def default_attack_eps(dataset, image_shape):

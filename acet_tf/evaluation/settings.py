@@ -9,10 +9,10 @@ keys of Settings.image_dirs.
 import dataclasses
 
 from acet_tf.data import out_datasets
-from acet_tf.evaluation import robust_metrics
 from acet_tf.robustness import attack_spec
 
 GENERATED_SETS = ('noise', 'adv_noise', 'adv_samples')
+ADV_NOISE_STARTS = ('noise', 'uniform')  # Centres of the attacked adversarial noise.
 ATTACK_ALL_OUT_SETS = 'out_sets'  # In attacked_sets: every out-set that was loaded.
 TABLE2 = 'table2'
 TABLE2_DEFAULT_EXAMPLES = 10_000  # The paper's number of uniform draws.
@@ -47,7 +47,7 @@ class Settings:
   # Beyond the paper (robust_eval); the defaults switch all of it off.
   attacks: tuple = ()  # attack_spec.Attack, run on every attacked set.
   attacked_sets: tuple[str, ...] = ()  # 'adv_noise', ATTACK_ALL_OUT_SETS or out-set keys.
-  adv_noise_starts: tuple[str, ...] = robust_metrics.START_NAMES  # Centres of attacked adv. noise.
+  adv_noise_starts: tuple[str, ...] = ADV_NOISE_STARTS  # Centres of attacked adv. noise.
   attacked_eps: float | None = None  # Out-sets; None: GOOD's radius (0.3 / 0.03 / 0.01).
   attacked_max_examples: int | None = None  # Points per attacked set; None: max_examples.
   guaranteed: bool = False  # IBP upper bounds on every attacked set (Keras models only).
@@ -89,10 +89,10 @@ class Settings:
       not self.attacked_sets or self.attacks or self.guaranteed,
       'attacked_sets need attacks or guaranteed=True',
     )
-    bad = [s for s in self.adv_noise_starts if s not in robust_metrics.START_NAMES]
+    bad = [s for s in self.adv_noise_starts if s not in ADV_NOISE_STARTS]
     check(
       self.adv_noise_starts and not bad,
-      f'adv_noise_starts must be a non-empty subset of {robust_metrics.START_NAMES}, got '
+      f'adv_noise_starts must be a non-empty subset of {ADV_NOISE_STARTS}, got '
       f'{self.adv_noise_starts}',
     )
     check(

@@ -21,7 +21,7 @@ from acet_tf.training import trainer
 from tests import support
 from tools import make_image_folder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 NAMES = list(make_image_folder.CLASSES)  # circle, square, triangle.
 
 

@@ -27,7 +27,7 @@ from acet_tf.reference import authors_checkpoints as rc
 from tests import support
 from tools import tf1_reference_graph
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 REFERENCE_DIR = os.path.join(os.path.dirname(ROOT), 'shared', 'reference_models')
 NINE = [f'{d}_{m}' for d in ('svhn', 'cifar10', 'cifar100') for m in ('plain', 'ceda', 'acet')]
 CONFIGS = {'svhn': svhn, 'cifar10': cifar10, 'cifar100': cifar100}

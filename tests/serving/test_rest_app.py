@@ -33,7 +33,7 @@ from acet_tf.serving import rest_app
 from acet_tf.serving import served_model
 from tests import support
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 NAME = 'digits'
 MAX_BODY = 200_000  # Bytes: about 25 float images of 28 x 28 as JSON.
 MAX_BATCH = 16

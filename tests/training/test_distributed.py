@@ -22,11 +22,12 @@ from acet_tf.data import input_pipeline
 from acet_tf.training import distribution
 from acet_tf.training import train_step
 from acet_tf.training import trainer
+from tests import support
 
 # Subprocesses, servers and whole training runs: the slow tier.
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def equivalence(tmp_path_factory):
     [
       sys.executable,
       '-c',
-      'import sys; from tests import test_distributed as t; t.replica_equivalence(sys.argv[1])',
+      'import sys; from tests.training import test_distributed as t; '
+      't.replica_equivalence(sys.argv[1])',
       str(out),
     ],
     cwd=ROOT,

@@ -20,11 +20,12 @@ from acet_tf.configs import mnist5k
 from acet_tf.data import input_pipeline
 from acet_tf.training import distribution
 from acet_tf.training import trainer
+from tests import support
 
 # Subprocesses, servers and whole training runs: the slow tier.
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 # 12 steps of LeNet on mnist5k; the learning rate drops at steps 6, 9 and 10.
 OVERRIDES = {
   'strategy': 'one_device',

@@ -12,8 +12,9 @@ import tensorflow_datasets as tfds
 from acet_tf.configs import mnist
 from acet_tf.configs import mnist5k
 from acet_tf.training import trainer
+from tests import support
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = support.ROOT
 
 
 def small(config):

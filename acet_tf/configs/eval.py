@@ -7,7 +7,8 @@ Presets:
           paper's noise and from uniform noise and every out-set attacked (APGD 100 steps, the
           paper's PGD), worst case per point, IBP guaranteed metrics; 1,000 points.
   strong  the worst case of the follow-up papers (ProoD/GOOD protocol, on a CPU budget): APGD 200
-          steps x 3 restarts plus the paper's PGD, from the paper's noise, uniform noise and the
+          steps x 3 restarts, the paper's PGD and sign-PGD 200 steps x 5 restarts with a decaying
+          step (issue 22), from the paper's noise, uniform noise and the
           out-set images (GOOD's eps), IBP guaranteed metrics; full sets unless --max_examples.
 `runlocal` shrinks any preset to a smoke run of seconds (32 points, 5-step attacks).
 
@@ -22,7 +23,7 @@ from ml_collections import config_dict
 PRESETS = ('paper', 'quick', 'strong')
 
 
-def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True):
+def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True, schedule=()):
   return ml_collections.ConfigDict(
     dict(
       kind=kind,
@@ -30,8 +31,16 @@ def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True):
       restarts=restarts,
       step_fraction=config_dict.placeholder(float) if step_fraction is None else step_fraction,
       random_start=random_start,
+      schedule=tuple(schedule),
     )
   )
+
+
+def _shrink_schedule(schedule, steps):
+  """Segments scaled to `steps` in total (the last takes the rest), each at least one step."""
+  total = sum(n for n, _ in schedule)
+  head = [(max(1, round(n * steps / total)), f) for n, f in schedule[:-1]]
+  return (*head, (max(1, steps - sum(n for n, _ in head)), schedule[-1][1]))
 
 
 def _parse(arg):
@@ -80,6 +89,11 @@ def get_config(arg=None):
     c.attacks.apgd = _attack('apgd', 100)
   if preset == 'strong':
     c.attacks.apgd = _attack('apgd', 200, restarts=3)
+    # Issue 22: sign-PGD with 5 restarts and a decaying step (0.03, 0.0075, 0.002 at eps 0.3)
+    # beat APGD + the paper's PGD on the authors' CIFAR-100 ACET model (0.177 against 0.129).
+    c.attacks.pgd_decay = _attack(
+      'pgd', 200, restarts=5, schedule=((60, 0.1), (80, 0.025), (60, 1 / 150))
+    )
   if runlocal:
     c.max_examples = 32
     c.batch_size = 32
@@ -87,6 +101,8 @@ def get_config(arg=None):
     c.adv_samples_steps = 5
     c.table2_examples = 32
     for attack in c.attacks.values():
-      attack.steps = 5
+      if attack.schedule:
+        attack.schedule = _shrink_schedule(attack.schedule, 5)
+      attack.steps = sum(n for n, _ in attack.schedule) if attack.schedule else 5
       attack.restarts = 1
   return c

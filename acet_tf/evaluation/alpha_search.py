@@ -18,8 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from acet_tf.evaluation import ood_metrics
+from acet_tf.ops import seed_streams
 
-TABLE2_STREAM = 14  # Evaluation seed stream of the uniform draws (predictions.py uses 11-13).
+TABLE2_STREAM = seed_streams.TABLE2_STREAM  # Evaluation seed stream of the uniform draws.
 
 
 def make_alpha_search(

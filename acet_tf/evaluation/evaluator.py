@@ -131,26 +131,50 @@ def evaluate_run(
   *,
   workdir: str | None = None,
   saved_model: str | None = None,
+  model: keras.Model | None = None,
   dataset: str | None = None,
   output_dir: str | None = None,
+  noise_config: ml_collections.ConfigDict | None = None,
+  description: Mapping[str, Any] | None = None,
+  step: int = 0,
 ) -> dict[str, Any]:
-  """Evaluates the latest checkpoint of `workdir`, or the SavedModel `saved_model`.
+  """Evaluates the latest checkpoint of `workdir`, the SavedModel `saved_model` or a Keras `model`.
 
   Args:
     settings: Settings (seed None = the run's config.seed; data_dir '' = the run's).
     workdir: a training workdir (config.json and checkpoints/).
     saved_model: an export (version dir, or export dir with integer versions). Its config comes from
       `workdir` if given, else from the export's assets/metadata.json, else the paper's defaults.
-    dataset: the in-distribution dataset; needed for a SavedModel whose metadata does not name it.
+    model: a Keras classifier in memory (images float32 [B, H, W, C] in [0, 1] -> logits [B, K]),
+      e.g. one trained with acet_tf.keras; then `dataset` names its in-distribution dataset.
+    dataset: the in-distribution dataset; needed for a SavedModel whose metadata does not name it
+      and for `model`.
     output_dir: default workdir/eval; required without a workdir.
+    noise_config: the p_out settings of `model` (its training noise); default the paper's. A run
+      or an export uses its config's.
+    description: facts about `model` for the results (method, ...).
+    step: the training step of `model`, for the results and summaries.
 
   Returns:
     The results dict of evaluate_model.
   """
-  if not workdir and not saved_model:
-    raise ValueError('Give a training --workdir, or --saved_model (or both).')
+  if sum(map(bool, (workdir or saved_model, model is not None))) != 1:
+    raise ValueError('Give a training --workdir, or --saved_model (or both), or a Keras model.')
   config = runs.read_config(workdir) if workdir else None
-  if saved_model:
+  if model is not None:
+    if not dataset:
+      raise ValueError('Name the in-distribution dataset of the Keras model: dataset=...')
+    info = known_datasets.info_or_recorded(dataset, settings.data_dir or None, None)
+    shape = tuple(model.input_shape[1:])
+    if shape != tuple(info.image_shape):
+      raise ValueError(
+        f'The Keras model {model.name!r} takes images of shape {shape}, but {dataset} has '
+        f'{tuple(info.image_shape)}.'
+      )
+    predict_fn, logits_fn = saved_model_classifier.keras_model_fns(model)
+    keras_model, true_logits = model, True
+    description = {'source': 'keras_model', 'name': model.name, **(description or {})}
+  elif saved_model:
     classifier = saved_model_classifier.SavedModelClassifier(saved_model)
     if config is None and 'config' in classifier.metadata:
       config = ml_collections.ConfigDict(classifier.metadata['config'])
@@ -255,7 +279,7 @@ def evaluate_run(
     out_sets=out_sets,
     skipped=skipped,
     logits_fn=logits_fn,
-    noise_config=config.noise if config is not None else None,
+    noise_config=config.noise if config is not None else noise_config,
     output_dir=output_dir,
     step=step,
     description=description,

@@ -19,7 +19,9 @@ from acet_tf.ops import seed_streams
 
 # Streams of the evaluation seed, so each generated set is reproducible on its own. Evaluation
 # seeds use step -1, which no training step has.
-NOISE_STREAM, ADV_NOISE_STREAM, ADV_SAMPLES_STREAM = 11, 12, 13
+NOISE_STREAM = seed_streams.EVAL_NOISE_STREAM
+ADV_NOISE_STREAM = seed_streams.EVAL_ADV_NOISE_STREAM
+ADV_SAMPLES_STREAM = seed_streams.EVAL_ADV_SAMPLES_STREAM
 EVAL_STEP = -1
 
 

@@ -23,6 +23,7 @@ from acet_tf.data import out_datasets
 from acet_tf.evaluation import alpha_search
 from acet_tf.evaluation import plots
 from acet_tf.evaluation import predictions as predictions_lib
+from acet_tf.evaluation import robust_metrics
 from acet_tf.evaluation import scores as scores_lib
 from acet_tf.evaluation import settings as settings_lib
 
@@ -94,8 +95,13 @@ def new_results(info, settings, noise_config, *, step, description, skipped):
         'adv_noise': predictions_lib.ADV_NOISE_STREAM,
         'adv_samples': predictions_lib.ADV_SAMPLES_STREAM,
         'table2': alpha_search.TABLE2_STREAM,
+        'uniform': robust_metrics.UNIFORM_STREAM,
+        'attacked': robust_metrics.ATTACKED_STREAM,
       },
-      'rule': 'batch_random.step_seed(base, step=-1, stream), folded in per batch',
+      'rule': (
+        'batch_random.step_seed(base, step=-1, stream), folded in per batch; an attacked set '
+        'folds in robust_eval.name_hash(its name), SHA-256 of the whole name'
+      ),
     },
     'noise_config': json.loads(noise_config.to_json())
     if hasattr(noise_config, 'to_json')
@@ -289,25 +295,28 @@ def _robust_table(results):
   if results.get('attacked'):
     lines += [
       '',
-      '## Worst case over attacks and starts; certified (IBP) bounds',
+      '## Worst case over attacks, per start distribution; certified (IBP) bounds',
       '',
-      '| Attacked set | eps | N | worst-case MMC | AUROC | FPR@95 | guaranteed MMC | guaranteed '
-      'AUROC | guaranteed FPR@95 |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '| Attacked set | start | eps | N | worst-case MMC | AUROC | FPR@95 | guaranteed MMC | '
+      'guaranteed AUROC | guaranteed FPR@95 |',
+      '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for key, e in results['attacked'].items():
-      w = e.get('worst_case', {})
-      n = w.get('num_examples', e.get('guaranteed_num_examples', 0))
-      lines.append(
-        f'| {set_title(key)} | {e["eps"]:g} | {n} | {fmt(w.get("mmc"))} | {fmt(w.get("auroc"))} '
-        f'| {fmt(w.get("fpr95"))} | {fmt(e.get("guaranteed_mmc"))} | '
-        f'{fmt(e.get("guaranteed_auroc"))} | {fmt(e.get("guaranteed_fpr95"))} |'
-      )
+      rows = [(start, e.get('worst_case', {}).get(start, {})) for start in e['starts']]
+      if 'pooled_worst_case' in e or 'pooled' in e.get('guaranteed', {}):
+        rows.append(('pooled (max over starts)', e.get('pooled_worst_case', {})))
+      for start, w in rows:
+        g = e.get('guaranteed', {}).get('pooled' if start.startswith('pooled') else start, {})
+        n = w.get('num_examples', g.get('num_examples', 0))
+        lines.append(
+          f'| {set_title(key)} | {start} | {e["eps"]:g} | {n} | {fmt(w.get("mmc"))} | '
+          f'{fmt(w.get("auroc"))} | {fmt(w.get("fpr95"))} | {fmt(g.get("mmc"))} | '
+          f'{fmt(g.get("auroc"))} | {fmt(g.get("fpr95"))} |'
+        )
     lines += [
       '',
-      'Per attack (`attack@start`; MMC / AUROC; the worst case is the per-point '
-      'maximum '
-      'over all of them):',
+      "Per attack (`attack@start`; MMC / AUROC; a start's worst case is the per-point maximum "
+      'over the clean point `clean@start` and every attack from that start):',
       '',
     ]
     for key, e in results['attacked'].items():
@@ -349,11 +358,17 @@ def summary_scalars(results):
       if e.get(m) is not None:
         scalars[f'eval/{key}/{m}'] = e[m]
   for key, e in results.get('attacked', {}).items():
-    for m in ('mmc', 'auroc', 'fpr95'):
-      if e.get('worst_case', {}).get(m) is not None:  # None: data-free, no AUROC.
-        scalars[f'eval/attacked/{key}/worst_case/{m}'] = e['worst_case'][m]
-      if e.get(f'guaranteed_{m}') is not None:
-        scalars[f'eval/attacked/{key}/guaranteed_{m}'] = e[f'guaranteed_{m}']
+    worst = dict(e.get('worst_case', {}))
+    if 'pooled_worst_case' in e:
+      worst['pooled'] = e['pooled_worst_case']
+    for start, w in worst.items():
+      for m in ('mmc', 'auroc', 'fpr95'):
+        if w.get(m) is not None:  # None: data-free, no AUROC.
+          scalars[f'eval/attacked/{key}/{start}/worst_case/{m}'] = w[m]
+    for start, g in e.get('guaranteed', {}).items():  # 'pooled' among them with several starts.
+      for m in ('mmc', 'auroc', 'fpr95'):
+        if g.get(m) is not None:
+          scalars[f'eval/attacked/{key}/{start}/guaranteed_{m}'] = g[m]
   if 'table2' in results:
     t2 = results['table2']
     scalars.update(

@@ -1,14 +1,18 @@
 """The evaluation beyond the paper: attacked sets (worst case over attacks, restarts and starting
 points) and certified (IBP) upper bounds on the confidence, as results.json entries.
 
-An attacked set is a set of ball centres, possibly from several starts (for adversarial noise: the
-paper's noise images and uniform noise images, point i of each start being a different centre for
-the same index), attacked by every Attack within radius eps. Per point the worst case is the
-highest confidence over every (attack, start) pair. The metrics compare the clean in-distribution
-confidences (positives) with these worst-case out-confidences, as GOOD's adversarial AUC does; the
-guaranteed metrics compare them with the IBP upper bounds (GOOD's guaranteed AUC).
+An attacked set is a set of ball centres, possibly from several start distributions (for
+adversarial noise: the paper's noise images and uniform noise images, point i of each start being
+a different centre for the same index), attacked by every Attack within radius eps. Per start
+distribution and point the worst case is the highest confidence over the clean centre and every
+attack; each start distribution is reported on its own (as GOOD and ProoD report each
+out-distribution), and with several starts a 'pooled' figure (per index the maximum over the
+starts) is named as such. The metrics compare the clean in-distribution confidences (positives)
+with these worst-case out-confidences, as GOOD's adversarial AUC does; the guaranteed metrics
+compare them with the IBP upper bounds (GOOD's guaranteed AUC).
 """
 
+import hashlib
 import time
 
 import numpy as np
@@ -19,8 +23,8 @@ from acet_tf.evaluation import scores
 from acet_tf.ops import seed_streams
 from acet_tf.robustness import worst_case
 
-UNIFORM_STREAM = 14  # Seed stream of the uniform-noise centres (evaluation.*_STREAM are 11-13).
-ATTACKED_STREAM = 15  # Seed stream of the attacks on attacked sets (folded with the set's name).
+UNIFORM_STREAM = seed_streams.UNIFORM_STREAM  # Seed stream of the uniform-noise centres.
+ATTACKED_STREAM = seed_streams.ATTACKED_STREAM  # Attacks on attacked sets, folded with the name.
 
 
 def default_attack_eps(dataset, image_shape):
@@ -37,11 +41,19 @@ def uniform_batches(like_batches, seed):
     yield tf.random.stateless_uniform(tf.shape(images), seed=s), labels
 
 
+def name_hash(name):
+  """A 56-bit int from SHA-256 of the whole UTF-8 name (stable across runs and Python versions).
+
+  Until issue 22 the seed came from the first 7 bytes of the name, so 'cifar10' and 'cifar100'
+  (both default out-sets for SVHN) were attacked with one seed.
+  """
+  return int.from_bytes(hashlib.sha256(name.encode('utf-8')).digest()[:7], 'little')
+
+
 def name_seed(base_seed, name):
-  """A seed per attacked set, from its name (stable across runs and Python versions)."""
+  """A seed per attacked set, from its whole name."""
   return tf.random.experimental.stateless_fold_in(
-    seed_streams.step_seed(base_seed, -1, ATTACKED_STREAM),
-    int.from_bytes(name.encode()[:7], 'little'),
+    seed_streams.step_seed(base_seed, -1, ATTACKED_STREAM), name_hash(name)
   )
 
 
@@ -62,10 +74,14 @@ def _entry(in_conf, conf, seconds=None):
   return e
 
 
+def _clean_confidences(predict_fn, batches):
+  return np.concatenate([np.max(np.asarray(predict_fn(x)), axis=1) for x, _ in batches])
+
+
 def attacked_set(
   logits_fn, predict_fn, in_conf, starts, attack_list, *, eps, seed, extra=None, name='attacked'
 ):
-  """Every attack from every start; the per-attack and the worst-case metrics.
+  """Every attack from every start; per start distribution the worst case, and a pooled one.
 
   Args:
     logits_fn, predict_fn: see worst_case.attack_confidences.
@@ -74,19 +90,29 @@ def attacked_set(
     attack_list: attack_spec.Attack sequence.
     eps: L-inf radius.
     seed: int [2]; start s uses fold_in(seed, index of s).
-    extra: {key: float [M]} confidences found elsewhere on the same points (the paper's attack
-      row), taken into the worst case as further attacks.
+    extra: {'<attack>@<start>': float [M]} confidences found elsewhere on the points of that start
+      (the paper's attack row), taken into that start's worst case as further attacks.
     name: for logs.
 
   Returns:
-    (entry, worst float [M]): entry {'eps', 'starts', 'attacks': {'<attack>@<start>': metrics},
-    'worst_case': metrics plus 'found_by' {key: points where it was the (first) maximum}}.
+    (entry, {start: worst float [M]}): entry {'eps', 'starts', 'attacks': {'<attack>@<start>':
+    metrics}, 'worst_case': {start: metrics plus 'found_by' {key: points where it was the (first)
+    maximum}}}, plus 'pooled_worst_case' (point i: the maximum over the balls of every start's
+    point i, a max-of-draws figure not comparable with one distribution's) with several starts.
+    Each start's worst case has the clean point ('clean@<start>') among its candidates.
   """
-  confidences, entry = {}, {'eps': float(eps), 'starts': list(starts), 'attacks': {}}
+  entry = {'eps': float(eps), 'starts': list(starts), 'attacks': {}, 'worst_case': {}}
+  per_start = {start: {} for start in starts}
   for k, conf in (extra or {}).items():
-    confidences[k] = np.asarray(conf)
+    start = k.rpartition('@')[2]
+    if start not in per_start:
+      raise ValueError(f'extra key {k!r} names no start of {list(starts)}')
+    per_start[start][k] = np.asarray(conf)
     entry['attacks'][k] = _entry(in_conf, conf)
   for i, (start, batches) in enumerate(starts.items()):
+    key = f'clean@{start}'
+    per_start[start][key] = _clean_confidences(predict_fn, batches)
+    entry['attacks'][key] = _entry(in_conf, per_start[start][key])
     out = worst_case.attack_confidences(
       logits_fn,
       predict_fn,
@@ -98,24 +124,37 @@ def attacked_set(
     )
     for attack in attack_list:
       key = f'{attack.name}@{start}'
-      confidences[key] = out[attack.name]['confidence']
+      per_start[start][key] = out[attack.name]['confidence']
       entry['attacks'][key] = dict(
-        _entry(in_conf, confidences[key], out[attack.name]['seconds']),
+        _entry(in_conf, per_start[start][key], out[attack.name]['seconds']),
         kind=attack.kind,
         steps=attack.steps,
         restarts=attack.restarts,
         step_fraction=attack.step_fraction,
+        schedule=[list(s) for s in attack.schedule],
       )
-  worst, which = worst_case.worst_case(confidences)
-  keys = list(confidences)
-  entry['worst_case'] = dict(
-    _entry(in_conf, worst), found_by={k: int(np.sum(which == j)) for j, k in enumerate(keys)}
-  )
-  return entry, worst
+  worst_of = {}
+  for start, confidences in per_start.items():
+    worst, which = worst_case.worst_case(confidences)
+    worst_of[start] = worst
+    entry['worst_case'][start] = dict(
+      _entry(in_conf, worst),
+      found_by={k: int(np.sum(which == j)) for j, k in enumerate(confidences)},
+    )
+  if len(starts) > 1:
+    entry['pooled_worst_case'] = _entry(in_conf, np.max(np.stack(list(worst_of.values())), axis=0))
+  return entry, worst_of
+
+
+def _guaranteed_entry(in_conf, bounds, seconds):
+  m = _entry(in_conf, bounds)
+  m['fpr95_out_positive'] = None if in_conf is None else scores.fpr95_out_positive(in_conf, bounds)
+  m['seconds'] = seconds
+  return m
 
 
 def guaranteed(bound_fn, in_conf, starts):
-  """Certified metrics: per point the largest IBP bound over its starts.
+  """Certified metrics per start distribution: the IBP bound of each point's ball.
 
   Args:
     bound_fn: images -> float [B] upper bounds on the confidence in the eps-ball
@@ -124,27 +163,20 @@ def guaranteed(bound_fn, in_conf, starts):
     starts: {start name: list of (images, labels) batches}.
 
   Returns:
-    {'guaranteed_mmc', 'guaranteed_auroc', 'guaranteed_fpr95', 'guaranteed_fpr95_out_positive',
-    'guaranteed_aupr_in', 'guaranteed_aupr_out', 'guaranteed_num_examples',
-    'guaranteed_seconds'}, plus the per-point bounds float [M] as the second value.
+    ({start: {'mmc', 'auroc', 'fpr95', 'fpr95_out_positive', 'aupr_in', 'aupr_out',
+    'num_examples', 'seconds'}} plus 'pooled' (point i: the largest bound over the starts) with
+    several starts, {start: per-point bounds float [M]}).
   """
-  t = time.time()
-  bounds = np.max(
-    np.stack(
-      [np.concatenate([np.asarray(bound_fn(x)) for x, _ in batches]) for batches in starts.values()]
-    ),
-    axis=0,
-  )
-  bounds = np.clip(bounds, 0.0, 1.0)
-  m = _entry(in_conf, bounds)
-  del m['num_examples']
-  out = {f'guaranteed_{k}': v for k, v in m.items()}
-  out['guaranteed_fpr95_out_positive'] = (
-    None if in_conf is None else scores.fpr95_out_positive(in_conf, bounds)
-  )
-  out['guaranteed_num_examples'] = int(bounds.size)
-  out['guaranteed_seconds'] = time.time() - t
-  return out, bounds
+  out, bounds_of = {}, {}
+  for start, batches in starts.items():
+    t = time.time()
+    bounds = np.concatenate([np.asarray(bound_fn(x)) for x, _ in batches])
+    bounds_of[start] = np.clip(bounds, 0.0, 1.0)
+    out[start] = _guaranteed_entry(in_conf, bounds_of[start], time.time() - t)
+  if len(starts) > 1:
+    pooled = np.max(np.stack(list(bounds_of.values())), axis=0)
+    out['pooled'] = _guaranteed_entry(in_conf, pooled, sum(e['seconds'] for e in out.values()))
+  return out, bounds_of
 
 
 def evaluate_attacked_sets(
@@ -174,7 +206,8 @@ def evaluate_attacked_sets(
     log: optional fn(str) for progress lines.
 
   Returns:
-    {set key: entry}: attacked_set's entry (if attack_list) plus the guaranteed_* keys.
+    {set key: entry}: attacked_set's entry (if attack_list) plus 'guaranteed' (guaranteed's
+    per-start metrics).
   """
   from acet_tf.robustness import ibp  # Imported here: only this path needs the graph walker.
 
@@ -195,15 +228,15 @@ def evaluate_attacked_sets(
         name=key,
       )
     if guaranteed_metrics and bound_model is not None:
-      g, _ = guaranteed(ibp.make_bound_fn(bound_model, eps), in_conf, starts)
-      entry.update(g)
+      entry['guaranteed'], _ = guaranteed(ibp.make_bound_fn(bound_model, eps), in_conf, starts)
     results[key] = entry
     if log:
-      w = entry.get('worst_case', {})
       fmt = lambda v: '-' if v is None else f'{v:.3f}'
-      log(
-        f'{key} (eps {eps:g}): worst-case MMC {fmt(w.get("mmc"))} AUROC {fmt(w.get("auroc"))}; '
-        f'guaranteed MMC {fmt(entry.get("guaranteed_mmc"))} AUROC '
-        f'{fmt(entry.get("guaranteed_auroc"))}'
-      )
+      for start in starts:
+        w = entry.get('worst_case', {}).get(start, {})
+        g = entry.get('guaranteed', {}).get(start, {})
+        log(
+          f'{key}@{start} (eps {eps:g}): worst-case MMC {fmt(w.get("mmc"))} AUROC '
+          f'{fmt(w.get("auroc"))}; guaranteed MMC {fmt(g.get("mmc"))} AUROC {fmt(g.get("auroc"))}'
+        )
   return results

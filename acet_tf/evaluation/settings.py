@@ -138,6 +138,7 @@ def settings_from_config(config, **overrides):
       restarts=int(a['restarts']),
       step_fraction=a.get('step_fraction'),
       random_start=bool(a.get('random_start', True)),
+      schedule=tuple(tuple(s) for s in (a.get('schedule') or ())),
     )
     for name, a in dict(c.get('attacks') or {}).items()
   )

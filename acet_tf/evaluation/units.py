@@ -12,7 +12,7 @@ the plots take. UNITS names them in the order they run; Context picks from the S
   noise        results['out_sets']['noise']: the training p_out made from the test images.
   adv_noise    results['out_sets']['adv_noise']: PGD on the max log-confidence from the noise.
   adv_samples  results['out_sets']['adv_samples']: PGD on the test set's cross-entropy.
-  attacked     results['attacked']: worst case over attacks and starts, IBP bounds (robust_eval).
+  attacked     results['attacked']: worst case over attacks per start distribution, IBP bounds.
   scores       results['scores']: max softmax, max logit and energy on the same forward passes.
   table2       results['table2']: the alpha at which alpha * uniform noise becomes overconfident.
 

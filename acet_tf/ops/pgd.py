@@ -234,7 +234,19 @@ def _per_example(mask, like):
   return tf.reshape(mask, [-1] + [1] * (len(like.shape) - 1))
 
 
-def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None, random_start=True):
+def pgd(
+  logits_fn,
+  x0,
+  objective,
+  *,
+  eps,
+  step_size,
+  steps,
+  seed,
+  labels=None,
+  random_start=True,
+  init=None,
+):
   """Maximises `objective` per example over ||u - x0||_inf <= eps, u in [0, 1].
 
   Sign-gradient ascent with projection. The result is, per example, the best point seen: the
@@ -251,6 +263,8 @@ def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None, r
     seed: int [2] stateless seed for the random start.
     labels: int [B] or None, passed to the objective.
     random_start: u0 = clip(x0 + s * U(-eps, eps)) with one s ~ U(0, 1) per example.
+    init: float32 [B, ...] or None: start there (projected into the ball and box) instead; for
+      step schedules that continue from an earlier segment's best point (attack_spec.Attack).
 
   Returns:
     (best float32 [B, ...], best objective float32 [B]), both without gradient: nothing flows
@@ -262,7 +276,9 @@ def pgd(logits_fn, x0, objective, *, eps, step_size, steps, seed, labels=None, r
   hi = tf.minimum(x0 + eps, 1.0)
   best_u = x0
   best_obj = objective(logits_fn(x0), labels)
-  if random_start:
+  if init is not None:
+    u = tf.clip_by_value(tf.stop_gradient(tf.convert_to_tensor(init, tf.float32)), lo, hi)
+  elif random_start:
     seed_scale, seed_delta = seed_streams.split(seed, 2)
     scale = seed_streams.uniform(seed_scale, b, [1] * (len(x0.shape) - 1))
     delta = seed_streams.uniform(seed_delta, b, x0.shape[1:], -eps, eps)

@@ -8,6 +8,21 @@ next to the forward and backward passes they feed.
 
 import tensorflow as tf
 
+# Every random stream of acet_tf, one value each: a seed is step_seed(base, step, stream), training
+# streams with the step (>= 0), evaluation streams with step -1. Define streams only here;
+# tests/test_robust_eval.py fails on a reused value or a stream constant defined elsewhere.
+TRAIN_NOISE_STREAM = 1  # train_step: the step's noise images.
+TRAIN_PGD_STREAM = 2  # train_step: the random start of the step's PGD.
+TEST_NOISE_STREAM = 3  # acet_tf.keras's test_step: its noise images.
+TEST_PGD_STREAM = 4  # acet_tf.keras's test_step: its PGD's random start.
+EVAL_NOISE_STREAM = 11  # evaluation: the noise out-set.
+EVAL_ADV_NOISE_STREAM = 12  # evaluation: the attack of the paper's adversarial noise.
+EVAL_ADV_SAMPLES_STREAM = 13  # evaluation: the attack of the adversarial samples.
+TABLE2_STREAM = 14  # scaling: Table 2's uniform draws.
+ATTACKED_STREAM = 15  # robust_eval: the attacks on attacked sets (folded with the set's name).
+UNIFORM_STREAM = 16  # robust_eval: the uniform-noise centres (was 14, Table 2's draws).
+STREAMS = {k: v for k, v in dict(globals()).items() if k.endswith('_STREAM')}
+
 
 def batch_position(local_batch):
   """Returns (offset, global_batch) of this replica's examples within the global batch."""

@@ -7,7 +7,8 @@ at checkpoints w_j = ceil(p_j N), p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j -
   1. fewer than rho = 0.75 of the steps since the last checkpoint raised the objective, or
   2. the step size was not halved at the last checkpoint and the best objective has not risen since;
 after a halving the iterate restarts from the best point seen (with its gradient). The momentum
-term restarts there too (x_{k-1} := x_max), so the first step after a restart is a plain step.
+term keeps the iterate before it (x_max - x_{k-1}), as Algorithm 1 of the paper (x_{k+1} := x_max)
+and the authors' autoattack/autopgd_base.py (x_adv_old is not reset) do.
 
 Like pgd.pgd it costs one forward + input-gradient pass per step (attacks.
 objective_and_input_gradient) plus one forward of the last iterate, and returns the best point.
@@ -108,7 +109,8 @@ def apgd(logits_fn, x0, objective, *, eps, steps, seed, labels=None, random_star
     )
     eta = tf.where(reduce, 0.5 * eta, eta)
     x, g = _where(reduce, best_x, x), _where(reduce, best_g, g)
-    x_prev, f_prev = _where(reduce, best_x, x_prev), tf.where(reduce, best_f, f_prev)
+    # x_prev is kept: the first step after a restart has momentum best_x - x_prev.
+    f_prev = tf.where(reduce, best_f, f_prev)
     best_f_ckpt = tf.where(at_ckpt, best_f, best_f_ckpt)
     reduced_last = tf.where(at_ckpt, reduce, reduced_last)
     successes = tf.where(at_ckpt, tf.zeros_like(successes), successes)

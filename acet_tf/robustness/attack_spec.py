@@ -18,6 +18,9 @@ class Attack:
     attack serves every radius; unused by APGD, whose schedule starts at 2 eps.
   random_start: restart 0 starts inside the ball at random (False: at the centre; restarts >= 1
     always start at random).
+  schedule: PGD only: ((steps, step_fraction), ...) segments run one after the other, each from
+    the best point of the one before (a decaying step: ((60, 0.1), (80, 0.025), (60, 1 / 150))
+    at eps 0.3 is 0.03, 0.0075, 0.002); steps must be their sum, step_fraction is unused.
   """
 
   name: str
@@ -26,8 +29,20 @@ class Attack:
   restarts: int = 1
   step_fraction: float | None = None
   random_start: bool = True
+  schedule: tuple = ()
 
   def __post_init__(self):
+    if self.schedule:
+      segments = tuple((int(n), float(f)) for n, f in self.schedule)
+      object.__setattr__(self, 'schedule', segments)
+      if self.kind != 'pgd' or sum(n for n, _ in segments) != self.steps:
+        raise ValueError(
+          f'Attack {self.name!r}: a schedule is for PGD and its steps must sum to steps '
+          f'({self.steps}), got {self.kind} {segments}'
+        )
+      if any(n < 1 or f <= 0 for n, f in segments):
+        raise ValueError(f'Attack {self.name!r}: schedule segments need steps >= 1, fraction > 0')
+      object.__setattr__(self, 'step_fraction', self.step_fraction or segments[0][1])
     if self.kind not in KINDS:
       raise ValueError(f'Attack {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}')
     if self.steps < 0 or self.restarts < 1:
@@ -43,4 +58,6 @@ class Attack:
   @property
   def passes(self):
     """Forward (+ input-gradient) passes per point."""
+    if self.schedule:
+      return self.restarts * (self.steps + 2 * len(self.schedule))
     return self.restarts * (self.steps + (2 if self.kind == 'pgd' else 1))

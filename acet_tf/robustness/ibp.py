@@ -11,8 +11,18 @@ subtracting logit intervals. Then max_k softmax_k = max_k 1 / sum_j exp(z_j - z_
 <= max_k 1 / sum_j exp(-U_kj) for U_kj >= z_k - z_j.
 
 Works on the functional Keras models of acet_tf.models (and any functional model built from the
-layers above); anything else raises ValueError naming the layer. The bound is sound up to float32
-round-off (about 1e-6 relative), which the soundness test allows for.
+layers above); anything else raises ValueError naming the layer.
+
+Float32 round-off is bounded outward, so the bounds need no tolerance at any eps (without it, eps
+1e-6 on a 13-convolution net left float64 logits 3.8e-3 of the logit scale outside): every layer
+that sums (convolution, dense, batch norm, addition, average pooling) widens its interval by
+2 gamma_n (|W| |x| + |b|), gamma_n = n u / (1 - n u), u = 2^-24, n the number of terms plus a few,
+and every end moves one float outward (nextafter). gamma_n |W| |x| bounds the error of a float32
+sum of n products in any order (Higham, "Accuracy and Stability of Numerical Algorithms", 3.1), so
+one half covers this module's own arithmetic and the other the model's own float32 forward pass:
+the intervals contain the exact-arithmetic network and every float32 evaluation whose kernels
+sum products (direct or GEMM convolutions, as TensorFlow's CPU and GPU kernels; not a proof for
+Winograd or FFT convolutions, whose error bounds are larger). The softmax bound is widened alike.
 
 The interval travels through the model's own graph as one tensor [2B, ...]: lower ends stacked on
 upper ends, so monotone layers run unchanged on it.
@@ -21,14 +31,14 @@ upper ends, so monotone layers run unchanged on it.
 import keras
 import tensorflow as tf
 
+# Positive-linear layers that sum (widened for round-off) and exact monotone ones.
+_SUMMING = ('AveragePooling2D', 'GlobalAveragePooling2D', 'Add')
 _MONOTONE = (
   'MaxPooling2D',
-  'AveragePooling2D',
-  'GlobalAveragePooling2D',
   'Flatten',
-  'Add',
   'InputLayer',
   'Reshape',
+  'ZeroPadding2D',  # Pads with zeros only (Keras has no other value for it).
 )
 
 
@@ -37,12 +47,60 @@ def _split(stacked):
   return lo, hi
 
 
-def _affine(stacked, linear, abs_linear, bias):
+_U = 2.0**-24  # Unit round-off of float32 (round to nearest).
+
+
+def _gamma(n):
+  """Twice Higham's gamma_n: the error of a sum of n terms, ours and the model's forward pass."""
+  return 2.0 * n * _U / (1.0 - n * _U)
+
+
+def _outward(lo, hi, slack_lo=0.0, slack_hi=0.0):
+  """[lo - slack_lo, hi + slack_hi], each end then one float further out."""
+  lo = tf.math.nextafter(lo - slack_lo, tf.constant(-float('inf'), lo.dtype))
+  hi = tf.math.nextafter(hi + slack_hi, tf.constant(float('inf'), hi.dtype))
+  return tf.concat([lo, hi], axis=0)
+
+
+def _affine(stacked, linear, abs_linear, bias, terms, extra_magnitude=None):
+  """W [lo, hi] + b as centre and radius, widened for round-off.
+
+  terms: the number of products per output (the fan-in); extra_magnitude: further |.| the forward
+  pass sums (batch norm's |mean * scale| + |beta|), else |b|.
+  """
   lo, hi = _split(stacked)
-  c, r = (lo + hi) / 2.0, (hi - lo) / 2.0
-  c = linear(c) + (bias if bias is not None else 0.0)
-  r = abs_linear(r)
-  return tf.concat([c - r, c + r], axis=0)
+  c = (lo + hi) / 2.0
+  r = tf.maximum(hi - c, c - lo) * (1.0 + 4.0 * _U)  # Covers [lo, hi] despite rounding.
+  out_c = linear(c) + (bias if bias is not None else 0.0)
+  out_r = abs_linear(r)
+  magnitude = abs_linear(tf.abs(c) + r)  # >= |W| |x| for every x in the interval.
+  if extra_magnitude is not None:
+    magnitude += extra_magnitude
+  elif bias is not None:
+    magnitude += tf.abs(bias)
+  slack = _gamma(terms + 4) * magnitude
+  return _outward(out_c - out_r, out_c + out_r, slack, slack)
+
+
+def _summing(op, terms, *args, **kwargs):
+  """A positive-linear summing op (Add, average pooling) on the stacked interval, widened."""
+  out = op(*args, **kwargs)
+  absolute = [tf.abs(t) for t in args[0]] if isinstance(args[0], (list, tuple)) else tf.abs(args[0])
+  magnitude = op(absolute, *args[1:], **kwargs)  # >= |terms| summed, for the round-off bound.
+  lo, hi = _split(out)
+  m_lo, m_hi = _split(magnitude)
+  slack = _gamma(terms + 2)
+  return _outward(lo, hi, slack * m_lo, slack * m_hi)
+
+
+def _summed_terms(op, args):
+  kind = type(op).__name__
+  if kind == 'Add':
+    return len(args[0])
+  if kind == 'AveragePooling2D':
+    return int(op.pool_size[0] * op.pool_size[1])
+  shape = args[0].shape  # GlobalAveragePooling2D: the whole spatial extent.
+  return int(shape[1] * shape[2])
 
 
 def _activation(layer, stacked):
@@ -64,6 +122,7 @@ def _conv(layer, stacked):
     lambda c: tf.nn.conv2d(c, kernel, **kwargs),
     lambda r: tf.nn.conv2d(r, tf.abs(kernel), **kwargs),
     tf.cast(layer.bias, tf.float32) if layer.use_bias else None,
+    terms=int(kernel.shape[0] * kernel.shape[1] * kernel.shape[2]),
   )
   return _activation(layer, out)
 
@@ -75,6 +134,7 @@ def _dense(layer, stacked):
     lambda c: tf.tensordot(c, kernel, 1),
     lambda r: tf.tensordot(r, tf.abs(kernel), 1),
     tf.cast(layer.bias, tf.float32) if layer.use_bias else None,
+    terms=int(kernel.shape[0]),
   )
   return _activation(layer, out)
 
@@ -86,10 +146,14 @@ def _batch_norm(layer, stacked):
   scale = tf.math.rsqrt(tf.cast(layer.moving_variance, tf.float32) + layer.epsilon)
   if layer.gamma is not None:
     scale *= tf.cast(layer.gamma, tf.float32)
-  shift = -tf.cast(layer.moving_mean, tf.float32) * scale
-  if layer.beta is not None:
-    shift += tf.cast(layer.beta, tf.float32)
-  return _affine(stacked, lambda c: c * scale, lambda r: r * tf.abs(scale), shift)
+  mean = tf.cast(layer.moving_mean, tf.float32)
+  shift = -mean * scale
+  beta = tf.cast(layer.beta, tf.float32) if layer.beta is not None else 0.0
+  shift += beta
+  # The forward pass may compute (x - mean) * rsqrt(var + eps) * gamma + beta: a few roundings of
+  # |x * scale|, |mean * scale| and |beta| (and of rsqrt itself), hence 8 terms.
+  extra = tf.abs(mean * scale) + tf.abs(beta)
+  return _affine(stacked, lambda c: c * scale, lambda r: r * tf.abs(scale), shift, 8, extra)
 
 
 def _relu(layer, stacked):
@@ -102,15 +166,16 @@ def _relu(layer, stacked):
   return tf.nn.relu(stacked)
 
 
-def _pad(op, *args, **kwargs):
-  # Zero padding is linear with non-negative weights: pad both ends alike.
-  if getattr(op, 'mode', 'constant') != 'constant' or getattr(op, 'constant_values', 0) not in (
-    0,
-    0.0,
-    None,
-  ):
-    raise ValueError(f'IBP: {op.name} pads with a non-zero constant or another mode.')
-  return op(*args, **kwargs)
+def _pad(op, x, *args, **kwargs):
+  # Zero padding is linear with non-negative weights: pad both ends alike. keras.ops.pad records
+  # constant_values as an argument of the call (the Pad operation has no such attribute).
+  value = kwargs.get('constant_values', args[0] if args else None)
+  if getattr(op, 'mode', 'constant') != 'constant' or value not in (0, 0.0, None):
+    raise ValueError(
+      f'IBP: {op.name} pads with mode {getattr(op, "mode", None)!r} and value {value!r}; only '
+      'zeros are supported.'
+    )
+  return op(x, *args, **kwargs)
 
 
 def _interval_op(op):
@@ -128,11 +193,13 @@ def _interval_op(op):
     return lambda x, **kw: _activation(op, x)
   if kind == 'Pad':
     return lambda *a, **kw: _pad(op, *a, **kw)
+  if kind in _SUMMING:
+    return lambda *a, **kw: _summing(op, _summed_terms(op, a), *a, **kw)
   if kind in _MONOTONE:
     return lambda *a, **kw: op(*a, **kw)
   raise ValueError(
     f'IBP does not support {kind} ({op.name}); supported: Conv2D, Dense, '
-    f'BatchNormalization, ReLU, Activation(relu), Pad, {", ".join(_MONOTONE)}.'
+    f'BatchNormalization, ReLU, Activation(relu), Pad, {", ".join(_SUMMING + _MONOTONE)}.'
   )
 
 
@@ -159,9 +226,19 @@ def _propagate(model, lo, hi, stop_before=None):
 
 
 def input_box(x, eps):
-  """(lower, upper) of the L-inf ball of radius eps around x intersected with [0, 1]."""
+  """(lower, upper) of the L-inf ball of radius eps around x intersected with [0, 1].
+
+  For eps > 0 each end moves one float outward, so the box contains the exact ball.
+  """
   x = tf.convert_to_tensor(x, tf.float32)
-  return tf.clip_by_value(x - eps, 0.0, 1.0), tf.clip_by_value(x + eps, 0.0, 1.0)
+  eps = tf.convert_to_tensor(eps, tf.float32)
+  lo, hi = x - eps, x + eps
+  # A tensor condition, not a Python `if`: eps is a tensor under GOOD's ramp, also in graphs that
+  # AutoGraph does not convert (Keras' train_step).
+  outward = eps > 0
+  lo = tf.where(outward, tf.math.nextafter(lo, tf.constant(-float('inf'))), lo)
+  hi = tf.where(outward, tf.math.nextafter(hi, tf.constant(float('inf'))), hi)
+  return tf.clip_by_value(lo, 0.0, 1.0), tf.clip_by_value(hi, 0.0, 1.0)
 
 
 def logit_bounds(model, lo, hi):
@@ -175,17 +252,25 @@ def logit_difference_upper(model, lo, hi):
   if final is None:
     z_lo, z_hi = _propagate(model, lo, hi)
     upper = z_hi[:, :, None] - z_lo[:, None, :]
+    upper += _gamma(2) * (tf.abs(z_hi[:, :, None]) + tf.abs(z_lo[:, None, :]))
   else:
     h_lo, h_hi = _propagate(model, lo, hi, stop_before=final)
     h_lo = tf.reshape(h_lo, [tf.shape(h_lo)[0], -1])
     h_hi = tf.reshape(h_hi, [tf.shape(h_hi)[0], -1])
     c, r = (h_lo + h_hi) / 2.0, (h_hi - h_lo) / 2.0
     w = tf.cast(final.kernel, tf.float32)  # [D, K]
-    z = c @ w + (tf.cast(final.bias, tf.float32) if final.use_bias else 0.0)
+    r = r * (1.0 + 4.0 * _U)
+    b = tf.cast(final.bias, tf.float32) if final.use_bias else tf.zeros([w.shape[1]])
+    z = c @ w + b
     k = w.shape[1]
     abs_diff = tf.reshape(tf.abs(w[:, :, None] - w[:, None, :]), [w.shape[0], k * k])
-    upper = z[:, :, None] - z[:, None, :] + tf.reshape(r @ abs_diff, [-1, k, k])
+    spread = tf.reshape(r @ abs_diff, [-1, k, k])
+    upper = z[:, :, None] - z[:, None, :] + spread
+    # Round-off of both logits (ours and the forward pass's) and of the spread.
+    magnitude = (tf.abs(c) + r) @ tf.abs(w) + tf.abs(b)  # [B, K]
+    upper += _gamma(int(w.shape[0]) + 6) * (magnitude[:, :, None] + magnitude[:, None, :] + spread)
   k = upper.shape[-1]
+  upper = tf.math.nextafter(upper, tf.constant(float('inf')))
   return upper * (1.0 - tf.eye(k))  # z_k - z_k = 0 exactly.
 
 
@@ -195,13 +280,26 @@ def confidence_upper_bound(model, x, eps):
   Args:
     model: a functional Keras model returning logits (acet_tf.models), called in inference mode.
     x: float32 [B, H, W, C] in [0, 1].
-    eps: float >= 0; at 0 the bound is the model's confidence at x (up to float round-off).
+    eps: float >= 0; at 0 the bound is the model's confidence at x, plus its round-off bound
+      (about 1e-6 relative on the nets of the tests).
   """
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
+  bound = tf.exp(log_confidence_upper_bound(model, x, eps))
+  return tf.math.nextafter(bound * (1.0 + 4.0 * _U), tf.constant(float('inf')))  # exp's round-off.
+
+
+def log_confidence_upper_bound(model, x, eps):
+  """float32 [B] >= max_k log softmax_k(model(u)) over the eps-ball around x within [0, 1].
+
+  Differentiable in the model's weights (GOOD trains on it); eps may be a tensor (a ramp).
+  """
   upper = logit_difference_upper(model, *input_box(x, eps))
   # 1 / sum_j exp(-U_kj) = exp(-logsumexp_j(-U_kj)); the best k for the attacker is the max.
-  return tf.exp(tf.reduce_max(-tf.reduce_logsumexp(-upper, axis=2), axis=1))
+  lse = tf.reduce_logsumexp(-upper, axis=2)  # [B, K], >= 0.
+  # Round-off of the logsumexp here and of the forward pass's softmax: K + a few terms.
+  lse -= _gamma(upper.shape[-1] + 8) * (1.0 + tf.abs(lse) + tf.reduce_max(tf.abs(upper), axis=2))
+  return tf.reduce_max(-lse, axis=1)
 
 
 def make_bound_fn(model, eps):

@@ -27,6 +27,22 @@ def make_attack_fn(logits_fn, attack, objective, eps):
   """A compiled fn(images [B, ...], labels [B], seed [2]) -> best points [B, ...] over restarts."""
 
   def one(images, labels, seed, random_start):
+    if attack.schedule:
+      u, obj = None, None
+      for steps, fraction in attack.schedule:
+        u, obj = pgd.pgd(
+          logits_fn,
+          images,
+          objective,
+          eps=eps,
+          step_size=fraction * eps,
+          steps=steps,
+          seed=seed,
+          labels=labels,
+          random_start=random_start,
+          init=u,
+        )
+      return u, obj
     if attack.kind == 'pgd':
       return pgd.pgd(
         logits_fn,
@@ -83,7 +99,7 @@ def attack_confidences(
   """
   names = [a.name for a in attack_list]
   if len(set(names)) != len(names):
-    raise ValueError(f'attack_spec.Attack names must be distinct, got {names}')
+    raise ValueError(f'Attack names must be distinct, got {names}')
   objective = objective or pgd.max_log_confidence_objective
   out = {}
   for attack in attack_list:
@@ -118,6 +134,6 @@ def worst_case(confidences):
     raise ValueError('worst_case needs at least one attack result.')
   sizes = {k: np.size(v) for k, v in confidences.items()}
   if len(set(sizes.values())) != 1:
-    raise ValueError(f'attack_spec.Attack results cover different numbers of points: {sizes}')
+    raise ValueError(f'Attack results cover different numbers of points: {sizes}')
   stacked = np.stack([np.asarray(v, np.float64) for v in confidences.values()])
   return stacked.max(axis=0), stacked.argmax(axis=0)

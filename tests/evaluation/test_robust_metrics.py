@@ -5,6 +5,8 @@ side, the photo-patch and folder out-sets."""
 import contextlib
 import io
 import json
+import pathlib
+import re
 
 from absl import flags
 from absl.testing import flagsaver
@@ -19,9 +21,13 @@ from acet_tf.configs import eval as eval_config
 from acet_tf.data import input_pipeline
 from acet_tf.data import out_datasets
 from acet_tf.evaluation import evaluator
+from acet_tf.evaluation import robust_metrics
 from acet_tf.evaluation import saved_model_classifier
 from acet_tf.evaluation import scores
 from acet_tf.evaluation import settings as settings_lib
+from acet_tf.ops import seed_streams
+from acet_tf.robustness import attack_spec
+from tests import support
 
 
 def test_paper_config_is_the_protocol_of_the_flags_alone():
@@ -30,7 +36,9 @@ def test_paper_config_is_the_protocol_of_the_flags_alone():
     settings_lib.settings_from_config(eval_config.get_config('paper')) == settings_lib.Settings()
   )
   strong = settings_lib.settings_from_config(eval_config.get_config('strong'))
-  assert {a.name for a in strong.attacks} == {'pgd', 'apgd'} and strong.guaranteed
+  assert {a.name for a in strong.attacks} == {'pgd', 'apgd', 'pgd_decay'} and strong.guaranteed
+  decay = {a.name: a for a in strong.attacks}['pgd_decay']
+  assert decay.schedule == ((60, 0.1), (80, 0.025), (60, 1 / 150)) and decay.restarts == 5
   assert 'photos' in strong.sets and strong.attacked_sets == ('adv_noise', 'out_sets')
   small = settings_lib.settings_from_config(
     eval_config.get_config('strong,runlocal'), max_examples=8
@@ -91,32 +99,50 @@ def test_attacked_sets_worst_case_guaranteed_and_scores(tmp_path):
   noise = attacked['adv_noise']
   assert set(noise['attacks']) == {
     'paper@noise',
+    'clean@noise',
     'pgd@noise',
     'apgd@noise',
+    'pgd_decay@noise',
+    'clean@uniform',
     'pgd@uniform',
     'apgd@uniform',
+    'pgd_decay@uniform',
   }
   assert noise['attacks']['paper@noise']['mmc'] == results['out_sets']['adv_noise']['mmc']
+  assert set(noise['worst_case']) == {'noise', 'uniform'}
+  assert set(noise['guaranteed']) == {'noise', 'uniform', 'pooled'}
+  assert set(attacked['photos']['worst_case']) == {'image'}
+  assert 'pooled_worst_case' not in attacked['photos']
   for entry in attacked.values():
-    w = entry['worst_case']
-    assert {'mmc', 'auroc', 'fpr95', 'aupr_in', 'aupr_out', 'num_examples'} <= set(w)
-    for a in entry['attacks'].values():
-      assert w['mmc'] >= a['mmc'] - 1e-12 and w['auroc'] <= a['auroc'] + 1e-12
-    # Certified bounds are above whatever any attack found.
-    assert entry['guaranteed_mmc'] >= w['mmc'] - 1e-5
-    assert entry['guaranteed_auroc'] <= w['auroc'] + 1e-9
+    for start, w in entry['worst_case'].items():
+      assert {'mmc', 'auroc', 'fpr95', 'aupr_in', 'aupr_out', 'num_examples'} <= set(w)
+      # Only this start's attacks (and its clean point) are candidates of its worst case.
+      assert all(k.endswith(f'@{start}') for k in w['found_by'])
+      assert f'clean@{start}' in w['found_by']
+      for k, a in entry['attacks'].items():
+        if k.endswith(f'@{start}'):
+          assert w['mmc'] >= a['mmc'] - 1e-12 and w['auroc'] <= a['auroc'] + 1e-12
+      # Certified bounds are above whatever any attack found.
+      g = entry['guaranteed'][start]
+      assert g['mmc'] >= w['mmc'] - 1e-5
+      assert g['auroc'] <= w['auroc'] + 1e-9
+  pooled = noise['pooled_worst_case']
+  assert pooled['mmc'] >= max(w['mmc'] for w in noise['worst_case'].values()) - 1e-12
+  assert noise['guaranteed']['pooled']['mmc'] >= pooled['mmc'] - 1e-5
   assert attacked['photos']['eps'] == 0.01 and attacked['adv_noise']['eps'] == 0.3
   # The photo row is clean; its attacked counterpart cannot be less confident.
-  assert attacked['photos']['worst_case']['mmc'] >= results['out_sets']['photos']['mmc'] - 1e-6
+  photos = attacked['photos']['worst_case']['image']
+  assert photos['mmc'] >= results['out_sets']['photos']['mmc'] - 1e-6
   # Scores: max softmax equals the Table 1 confidences (same forward pass).
   s = results['scores']['photos']['max_softmax']
   assert s['auroc'] == results['out_sets']['photos']['auroc']
   assert s['fpr95_in_positive'] == results['out_sets']['photos']['fpr95']
   assert set(results['scores']['noise']) == set(scores.SCORES)
   saved = json.loads((tmp_path / 'results.json').read_text())
-  assert 'guaranteed_auroc' in saved['attacked']['photos']
+  assert 'auroc' in saved['attacked']['photos']['guaranteed']['image']
   table = (tmp_path / 'table.md').read_text()
-  assert '## Worst case over attacks and starts' in table and '## Scores side by side' in table
+  assert '## Worst case over attacks, per start distribution' in table
+  assert '| pooled (max over starts) |' in table and '## Scores side by side' in table
 
 
 def test_scores_path_gives_the_numbers_of_the_predict_path():
@@ -228,9 +254,74 @@ def test_data_free_attacked_noise_reports_mmc_only(tmp_path):
     output_dir=str(tmp_path),
   )
   entry = results['attacked']['adv_noise']
-  assert set(entry['attacks']) == {'pgd@uniform', 'apgd@uniform'}
-  assert entry['worst_case']['auroc'] is None and entry['guaranteed_auroc'] is None
-  assert entry['guaranteed_mmc'] >= entry['worst_case']['mmc'] - 1e-5
+  assert set(entry['attacks']) == {
+    'clean@uniform',
+    'pgd@uniform',
+    'apgd@uniform',
+    'pgd_decay@uniform',
+  }
+  w, g = entry['worst_case']['uniform'], entry['guaranteed']['uniform']
+  assert w['auroc'] is None and g['auroc'] is None
+  assert g['mmc'] >= w['mmc'] - 1e-5
+  assert 'pooled_worst_case' not in entry and 'pooled' not in entry['guaranteed']
   assert 'scores' not in results
   saved = json.loads((tmp_path / 'results.json').read_text())
-  assert 'guaranteed_mmc' in saved['attacked']['adv_noise']
+  assert 'mmc' in saved['attacked']['adv_noise']['guaranteed']['uniform']
+
+
+def test_every_random_stream_has_its_own_value_and_is_defined_in_one_place():
+  values = list(seed_streams.STREAMS.values())
+  assert len(values) == len(set(values)), seed_streams.STREAMS
+  assert len(values) >= 8
+  # A stream constant given a number anywhere else would bypass the registry.
+  root = pathlib.Path(support.ROOT)
+  literal = re.compile(r'^\s*[A-Z0-9_]*_STREAM\s*=\s*\d', re.M)
+  offenders = [
+    str(p.relative_to(root))
+    for folder in ('acet_tf', 'tools', 'configs')
+    for p in (root / folder).rglob('*.py')
+    if p.name != 'seed_streams.py' and literal.search(p.read_text())
+  ]
+  assert not offenders, offenders
+
+
+def test_attacked_set_seeds_depend_on_the_whole_name():
+  seed = lambda name: tuple(robust_metrics.name_seed(0, name).numpy())
+  assert seed('cifar10') != seed('cifar100')  # Equal while the first 7 bytes made the seed.
+  assert seed('cifar10') == seed('cifar10')
+  names = ['cifar10', 'cifar100', 'svhn_cropped', 'noise', 'uniform', 'photos', 'points', 'lsun']
+  assert len({seed(n) for n in names}) == len(names)
+
+
+def test_worst_case_per_start_has_the_clean_point_with_apgd_alone():
+  keras.utils.set_random_seed(4)
+  model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Flatten(), keras.layers.Dense(5)])
+  predict_fn = lambda u: tf.nn.softmax(model(u, training=False))
+  logits_fn = lambda u: model(u, training=False)
+  noise = [
+    (tf.random.stateless_uniform([8, 6, 6, 1], seed=[1, i]), tf.zeros([8], tf.int32))
+    for i in range(2)
+  ]
+  uniform = [
+    (tf.random.stateless_uniform([8, 6, 6, 1], seed=[2, i]), tf.zeros([8], tf.int32))
+    for i in range(2)
+  ]
+  # APGD with no step: its random start, below the centre's confidence for about half the points.
+  attack = attack_spec.Attack('apgd', 'apgd', 0)
+  in_conf = np.linspace(0.5, 1.0, 16)
+  entry, worst = robust_metrics.attacked_set(
+    logits_fn,
+    predict_fn,
+    in_conf,
+    {'noise': noise, 'uniform': uniform},
+    [attack],
+    eps=0.3,
+    seed=tf.constant([0, 0], tf.int64),
+  )
+  for start, batches in (('noise', noise), ('uniform', uniform)):
+    clean = np.concatenate([np.max(predict_fn(x).numpy(), axis=1) for x, _ in batches])
+    assert np.all(worst[start] >= clean - 1e-7)
+    apgd_conf = entry['attacks'][f'apgd@{start}']['mmc']
+    assert entry['worst_case'][start]['mmc'] >= max(apgd_conf, clean.mean()) - 1e-9
+  pooled = np.maximum(worst['noise'], worst['uniform'])
+  assert entry['pooled_worst_case']['mmc'] == pytest.approx(pooled.mean())

@@ -1,5 +1,10 @@
-"""APGD: the checkpoint schedule, ball and box, the closed-form optimum of a linear objective, and
-the worst case over attacks."""
+"""APGD: the checkpoint schedule; every iterate's rules against an independent transcription of
+Algorithm 1 of Croce & Hein (2020) on a non-linear objective; step halving and the restart from the
+best point on objectives where fixed-step sign ascent misses the maximum; ball and box; the
+closed-form optimum of a linear objective; and the worst case over attacks.
+
+tools/mutation_check.py checks that these tests fail with the halving, the restart or the momentum
+disabled."""
 
 import keras
 import numpy as np
@@ -31,6 +36,121 @@ def test_checkpoints_follow_the_paper():
   # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (then 1.05 > 1).
   assert apgd.checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
   assert apgd.checkpoints(0) == [] and apgd.checkpoints(1) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-linear objectives on a box of 8 coordinates: a maximum c inside the ball, off the grid of
+# x0 + k eta that fixed sign steps visit; and the same with a cosine ripple (many local maxima).
+# --------------------------------------------------------------------------------------------------
+
+EPS = 0.1
+RIPPLE = 12.0
+
+
+def quadratic_problem(ripple, seed=0, batch=32):
+  """(x0 [B, 8], f(u) -> [B] as a tf function of the logits, numpy f(u, b) and its gradient)."""
+  rng = np.random.default_rng(seed)
+  x0 = rng.uniform(0.2, 0.8, (batch, 8)).astype(np.float32)
+  c = (x0 + rng.uniform(-0.9, 0.9, (batch, 8)) * EPS).astype(np.float32)
+  amp = 0.3 if ripple else 0.0
+
+  def logits_fn(u):
+    d = (u - c) / EPS
+    return tf.reduce_sum(-(d**2) + amp * tf.cos(RIPPLE * d), axis=1)[:, None]
+
+  def f(u, b):
+    d = (u - c[b]) / EPS
+    return np.sum(-(d**2) + amp * np.cos(RIPPLE * d))
+
+  def grad(u, b):
+    d = (u - c[b]) / EPS
+    return (-2.0 * d - amp * RIPPLE * np.sin(RIPPLE * d)) / EPS
+
+  return x0, logits_fn, f, grad
+
+
+def first_logit(logits, labels):
+  return logits[:, 0]
+
+
+def algorithm_1(f, grad, x_start, lo, hi, eps, steps):
+  """Croce & Hein (2020), Algorithm 1 (L-inf), one example at a time in float64: the best point.
+
+  f(u, b), grad(u, b): the objective of example b and its gradient. As in the paper, after a
+  halving x^(k+1) := x_max, so the next momentum term is x_max - x^(k) and the next success test
+  compares with f(x_max).
+  """
+  marks = apgd.checkpoints(steps)
+  best_points = []
+  for b in range(x_start.shape[0]):
+    x = x_start[b].astype(np.float64)
+    x_prev, f_prev, eta = x, None, 2.0 * eps
+    best_x, best_f, best_g = x, -np.inf, None
+    successes, last, best_f_last, reduced_last = 0, 0, -np.inf, False
+    for t in range(steps):
+      fx, g = f(x, b), grad(x, b)
+      successes += f_prev is not None and fx > f_prev
+      if fx > best_f:
+        best_x, best_f, best_g = x, fx, g
+      f_prev = fx
+      if t in marks:
+        condition_1 = successes < apgd.RHO * (t - last)
+        condition_2 = not reduced_last and best_f <= best_f_last
+        reduced_last = condition_1 or condition_2
+        best_f_last, successes, last = best_f, 0, t
+        if reduced_last:
+          eta /= 2.0
+          x, g, f_prev = best_x, best_g, best_f
+      z = np.clip(x + eta * np.sign(g), lo[b], hi[b])
+      a = 0.75 if t > 0 else 1.0
+      x, x_prev = np.clip(x + a * (z - x) + (1 - a) * (x - x_prev), lo[b], hi[b]), x
+    if f(x, b) > best_f:
+      best_x = x
+    best_points.append(best_x)
+  return np.stack(best_points)
+
+
+@pytest.mark.parametrize('steps', [20, 50])
+def test_apgd_follows_algorithm_1_of_croce_and_hein(steps):
+  """Same best point as the paper's rules, written out independently: momentum 0.75, halving at
+  the checkpoints under conditions 1 and 2, restart from the best point keeping x^(k)."""
+  x0, logits_fn, f, grad = quadratic_problem(ripple=True, batch=16)
+  lo, hi = np.maximum(x0 - EPS, 0), np.minimum(x0 + EPS, 1)
+  u, best = apgd.apgd(
+    logits_fn, x0, first_logit, eps=EPS, steps=steps, seed=SEED, random_start=False
+  )
+  expected = algorithm_1(f, grad, x0, lo, hi, EPS, steps)
+  # float32 against float64 can break a near-tie (a gradient sign or a success test) the other
+  # way: allow 2 of the 16 examples to part. With any of the three rules broken all 16 do.
+  same = np.abs(u.numpy() - expected).max(axis=1) < 1e-5
+  assert np.sum(~same) <= 2, np.flatnonzero(~same)
+  np.testing.assert_allclose(
+    best.numpy()[same], [f(e, b) for b, e in enumerate(expected) if same[b]], atol=1e-4
+  )
+
+
+def test_step_halving_reaches_a_maximum_that_fixed_step_sign_ascent_misses():
+  # f = -||(u - c) / eps||^2, max 0 at c inside the ball. Fixed steps of 2 eps (APGD's first step
+  # size) bounce between the faces of the box; APGD's halvings close in on c.
+  x0, logits_fn, _, _ = quadratic_problem(ripple=False)
+  _, best = apgd.apgd(logits_fn, x0, first_logit, eps=EPS, steps=30, seed=SEED, random_start=False)
+  _, fixed = pgd.pgd(
+    logits_fn, x0, first_logit, eps=EPS, step_size=2 * EPS, steps=30, seed=SEED, random_start=False
+  )
+  assert np.all(fixed.numpy() < -0.3), fixed.numpy().max()
+  assert np.all(best.numpy() > -0.05), best.numpy().min()
+
+
+def test_restart_from_the_best_point_on_an_objective_with_many_local_maxima():
+  # With a cosine ripple on the quadratic, continuing from the current iterate after a halving
+  # settles in a poor local maximum (mean about -1.5 with the restart disabled, measured).
+  x0, logits_fn, _, _ = quadratic_problem(ripple=True)
+  _, best = apgd.apgd(logits_fn, x0, first_logit, eps=EPS, steps=50, seed=SEED, random_start=False)
+  _, fixed = pgd.pgd(
+    logits_fn, x0, first_logit, eps=EPS, step_size=2 * EPS, steps=50, seed=SEED, random_start=False
+  )
+  assert best.numpy().mean() > -0.5, best.numpy().mean()
+  assert best.numpy().mean() > fixed.numpy().mean() + 1.0
 
 
 def linear_problem(seed=0):
@@ -117,3 +237,23 @@ def test_bad_attacks_are_refused():
     worst_case.attack_confidences(
       None, None, [], [attack_spec.Attack('a', 'apgd', 1)] * 2, eps=0.1, seed=SEED
     )
+
+
+def test_pgd_with_a_decaying_step_schedule_continues_from_the_best_point():
+  # On the off-grid quadratic a fixed big step bounces; each finer segment starts from the best
+  # point of the one before, so the schedule ends near the maximum (max 0).
+  x0, logits_fn, _, _ = quadratic_problem(ripple=False)
+  schedule = ((10, 1.0), (10, 0.25), (10, 0.05))
+  decay = attack_spec.Attack('decay', 'pgd', 30, schedule=schedule, random_start=False)
+  run = worst_case.make_attack_fn(logits_fn, decay, first_logit, EPS)
+  best = first_logit(logits_fn(run(x0, tf.zeros([32], tf.int32), SEED)), None).numpy()
+  first = attack_spec.Attack('first', 'pgd', 10, step_fraction=1.0, random_start=False)
+  run_first = worst_case.make_attack_fn(logits_fn, first, first_logit, EPS)
+  best_first = first_logit(logits_fn(run_first(x0, tf.zeros([32], tf.int32), SEED)), None).numpy()
+  assert np.all(best >= best_first - 1e-6)  # Never below its first segment.
+  assert np.all(best > -0.05) and np.all(best_first < -0.1), (best.min(), best_first.max())
+  assert decay.passes == 30 + 2 * 3
+  with pytest.raises(ValueError, match='sum to steps'):
+    attack_spec.Attack('x', 'pgd', 29, schedule=schedule)
+  with pytest.raises(ValueError, match='schedule is for PGD'):
+    attack_spec.Attack('x', 'apgd', 30, schedule=schedule)

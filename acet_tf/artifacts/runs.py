@@ -38,7 +38,12 @@ RESUMABLE_CHANGES = (
   'data_dir',
 )
 # Keys added after runs were first made; a saved config without one had this value.
-ADDED_KEYS = {'image_size': 0, 'channels': 0, 'test_fraction': 0.2}
+ADDED_KEYS = {
+  'image_size': 0,
+  'channels': 0,
+  'test_fraction': 0.2,
+  'out_data': {'sources': ['noise'], 'shares': [1.0], 'num_photos': 20_000},
+}
 
 
 def checkpoint_dir(workdir):
@@ -71,8 +76,8 @@ def read_json(workdir, name, *, required=True):
 
 
 def read_config(workdir):
-  """The run's config.json as a ConfigDict."""
-  return ml_collections.ConfigDict(read_json(workdir, CONFIG))
+  """The run's config.json as a ConfigDict, keys added since it was written at their old values."""
+  return ml_collections.ConfigDict(dict(ADDED_KEYS, **read_json(workdir, CONFIG)))
 
 
 def write_config(workdir, config):

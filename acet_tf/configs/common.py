@@ -1,12 +1,11 @@
 """Shared pieces of the experiment configs: the typed argument parser and the base config.
 
-Every config file exposes `get_config(arg)`. `arg` is a comma-separated list: the method (`plain`,
-`ceda` or `acet`) and small typed options such as `runlocal`. Unknown words are an error.
+Every config file exposes `get_config(arg)`. `arg` is a comma-separated list: the method (one of
+train_step.METHODS) and small typed options such as `runlocal`. Unknown words are an error.
 """
 
 import ml_collections
 
-from acet_tf.ops import noise
 from acet_tf.training import train_step
 
 METHODS = train_step.METHODS
@@ -57,8 +56,7 @@ def base_config(method):
 
   Every hyperparameter the code reads lives here, so `--config.x.y=...` can change it.
   """
-  if method not in METHODS:
-    raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+  step = train_step.step_config(method)  # What the step reads; refuses an unknown method.
   c = ml_collections.ConfigDict()
   c.method = method
   c.dataset = ''  # 'mnist5k', a TFDS name ('mnist', 'svhn_cropped', 'cifar10', 'cifar100'),
@@ -71,7 +69,7 @@ def base_config(method):
   c.test_fraction = 0.2  # Share of each class held out as test split (folders without test/).
   c.model = ''  # 'lenet', 'preact_resnet' (the reference's small ResNet), 'resnet18', or your
   # own 'package.module:factory', factory(input_shape, num_classes) -> keras.Model of logits.
-  c.seed = 0
+  c.seed = step.seed
 
   c.batch_size = (
     128  # Global number of clean images per step; as many noise images again (lambda=1).
@@ -90,26 +88,31 @@ def base_config(method):
   c.optimizer.momentum = 0.9
   c.optimizer.decay_at = (0.5, 0.75, 0.9)  # Fractions of training where the rate is divided.
   c.optimizer.decay_factor = 0.1
-  c.weight_decay = 5e-4  # Times the sum of squares of the decayed variables, every method.
+  c.weight_decay = step.weight_decay  # Times the sum of squares of the decayed variables.
   # Which variables: 'reference' = every variable of the convolution and dense layers, kernels and
   # biases (the reference decays names containing 'weight', 'fc' or 'conv': all LeNet biases and
   # the ResNet's final dense bias; no batch-norm parameters); 'kernels' = kernels only.
-  c.weight_decay_variables = 'reference'
+  c.weight_decay_variables = step.weight_decay_variables
 
   # p_out: noise images (docs/recipe.md "The out-distribution").
   # permuted_fraction: share built by permuting the pixels of training images; then a Gaussian
   # blur with sigma ~ U[sigma_min, sigma_max] and a kernel_size x kernel_size kernel.
-  c.noise = noise.paper_noise_config()
-  c.noise.ratio = (
-    0.0 if method == 'plain' else 1.0
-  )  # lambda: noise images per clean image, in (0, 1].
+  c.noise = step.noise
+  # lambda = c.noise.ratio: noise images per clean image, in (0, 1] (0 for plain).
+  # Where the out images come from (data/outlier_data.py): 'noise' (the paper's, above),
+  # 'photos' (crops of scikit-image pictures not in the 'photos' evaluation set), a TFDS name,
+  # 'folder:PATH' or 'npz:PATH'; shares: the part of each step's out-batch from each source.
+  c.out_data = ml_collections.ConfigDict()
+  c.out_data.sources = ('noise',)
+  c.out_data.shares = (1.0,)
+  c.out_data.num_photos = 20_000  # Crops drawn once (from config.seed) when 'photos' is a source.
 
-  # ACET's inner maximisation of the max log-confidence around each noise image.
-  c.pgd = ml_collections.ConfigDict()
-  c.pgd.steps = 40 if method == 'acet' else 0
-  c.pgd.eps = 0.3
-  c.pgd.step_size = 0.0075
-  c.pgd.random_start = True
+  # ACET's inner maximisation of the max log-confidence around each noise image: pgd.steps (0
+  # unless acet), eps, step_size, random_start.
+  c.pgd = step.pgd
+
+  if method == 'good':
+    c.good = step.good  # GOOD_Q's eps, q, weight and ramp (train_step.step_config).
 
   # Evaluation during and at the end of training (the full Table 1 is acet_tf.evaluate).
   c.eval = ml_collections.ConfigDict()
@@ -123,7 +126,7 @@ def base_config(method):
 
   c.strategy = 'auto'  # 'auto', 'one_device', 'mirrored', 'multi_worker' or 'tpu'.
   c.tpu_address = ''
-  c.jit_compile = False  # XLA for the whole step: for GPUs; slower on CPU here.
+  c.jit_compile = step.jit_compile  # XLA for the whole step: for GPUs; slower on CPU here.
   c.mixed_precision = ''  # '', 'mixed_float16' or 'mixed_bfloat16' (GPU/TPU).
   c.steps_per_call = 1  # Train steps per tf.function call (hides dispatch on accelerators).
 

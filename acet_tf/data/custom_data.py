@@ -223,7 +223,7 @@ def _class_files(root):
   return classes
 
 
-def _decode(path):
+def decode_image(path):
   """uint8 [H, W, C] of an image file; DatasetError naming the file if it cannot be decoded."""
   try:
     image = tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
@@ -240,7 +240,7 @@ def _read_classes(classes, names):
   images, labels, files = [], [], []
   for name, paths in classes.items():
     for p in paths:
-      images.append(_decode(p))
+      images.append(decode_image(p))
       labels.append(names.index(name))
       files.append(p)
   return images, np.asarray(labels, np.int32), files
@@ -297,7 +297,7 @@ def _load_folder(path, options):
 # ------------------------------------------------------------------------------------------------
 
 
-def _npz_images(path, key, x):
+def npz_images(path, key, x):
   """Checks and converts one image array to [N, H, W, C] uint8 or float32."""
   if x.ndim == 3:
     x = x[..., None]
@@ -348,8 +348,8 @@ def _load_npz(path, options):
   missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k not in data]
   if missing:
     raise DatasetError(f'{path} lacks the arrays {missing}; it has {sorted(data)}.')
-  x_train = _npz_images(path, 'x_train', data['x_train'])
-  x_test = _npz_images(path, 'x_test', data['x_test'])
+  x_train = npz_images(path, 'x_train', data['x_train'])
+  x_test = npz_images(path, 'x_test', data['x_test'])
   y_train = _npz_labels(path, 'y_train', data['y_train'], len(x_train))
   y_test = _npz_labels(path, 'y_test', data['y_test'], len(x_test))
   if not len(y_train):

@@ -23,6 +23,13 @@ def max_log_confidence(logits):
   return tf.reduce_max(tf.nn.log_softmax(tf.cast(logits, tf.float32)), axis=-1)
 
 
+def uniform_cross_entropy(logits):
+  """Outlier Exposure's out-loss: cross-entropy from the uniform distribution to softmax(logits),
+  -1/K sum_k log softmax_k = logsumexp(z) - mean(z), >= log K. logits: [B, K]; float32 [B]."""
+  z = tf.cast(logits, tf.float32)
+  return tf.reduce_logsumexp(z, axis=-1) - tf.reduce_mean(z, axis=-1)
+
+
 WEIGHT_DECAY_RULES = ('reference', 'kernels')
 
 

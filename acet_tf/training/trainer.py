@@ -13,11 +13,13 @@ from typing import Any
 from absl import logging
 import keras
 import ml_collections
+import numpy as np
 import tensorflow as tf
 
 from acet_tf import models
 from acet_tf.artifacts import runs
 from acet_tf.data import input_pipeline
+from acet_tf.data import outlier_data
 from acet_tf.evaluation import training_sets
 from acet_tf.training import distribution
 from acet_tf.training import train_step
@@ -34,10 +36,7 @@ def validate_config(config):
     if not ok:
       raise ValueError(f'Bad config: {message}')
 
-  check(
-    config.method in train_step.METHODS,
-    f'method must be one of {train_step.METHODS}, got {config.method!r}',
-  )
+  train_step.validate_step_config(config)  # method, noise, pgd, weight decay.
   check(bool(config.dataset), 'dataset is empty')
   try:
     input_pipeline.options_from_config(config)
@@ -51,30 +50,17 @@ def validate_config(config):
   check(
     config.num_epochs > 0 or config.num_train_steps > 0, 'set num_epochs > 0 or num_train_steps > 0'
   )
-  ratio, pgd_steps = config.noise.ratio, config.pgd.steps
-  if config.method == 'plain':
+  if config.method != 'plain':
+    try:
+      outlier_data.check_out_data(config.out_data, config.dataset)
+    except outlier_data.OutlierDataError as e:
+      check(False, str(e))
+  if config.method == 'good':
     check(
-      ratio == 0 and pgd_steps == 0,
-      f'method plain uses no noise and no PGD: noise.ratio={ratio}, pgd.steps={pgd_steps}',
+      config.mixed_precision == '',
+      'method good computes its IBP bounds in float32; train it without mixed_precision (a bound '
+      'through float16 activations would not be a bound)',
     )
-  else:
-    check(0 < ratio <= 1, f'noise.ratio must be in (0, 1] for {config.method}, got {ratio}')
-    if config.method == 'ceda':
-      check(pgd_steps == 0, f'method ceda uses no PGD, got pgd.steps={pgd_steps} (use acet)')
-    else:
-      check(pgd_steps > 0, f'method acet needs pgd.steps > 0, got {pgd_steps}')
-  n = config.noise
-  check(
-    0 <= n.permuted_fraction <= 1,
-    f'noise.permuted_fraction must be in [0, 1], got {n.permuted_fraction}',
-  )
-  check(
-    0 < n.sigma_min <= n.sigma_max,
-    f'need 0 < noise.sigma_min <= noise.sigma_max, got {n.sigma_min}, {n.sigma_max}',
-  )
-  check(n.kernel_size % 2 == 1, f'noise.kernel_size must be odd, got {n.kernel_size}')
-  for key in ('eps', 'step_size'):
-    check(config.pgd[key] > 0, f'pgd.{key} must be > 0, got {config.pgd[key]}')
   check(
     config.mixed_precision in ('', 'mixed_float16', 'mixed_bfloat16'),
     f'mixed_precision must be "", "mixed_float16" or "mixed_bfloat16", got '
@@ -216,6 +202,25 @@ def log_train_window(
   return metrics
 
 
+def outlier_banks(config, info):
+  """{source: uint8 [M, H, W, C]} of config.out_data's image sources, read and checked now (a bad
+  source fails before step one, naming it); empty for plain training or the paper's noise alone."""
+  if config.method == 'plain':
+    return {}
+  banks = {}
+  for source in outlier_data.image_sources(config.out_data):
+    images = outlier_data.load_outlier_images(
+      source,
+      info.image_shape,
+      num_photos=config.out_data.num_photos,
+      data_dir=config.data_dir or None,
+      seed=config.seed,
+    )
+    banks[source] = tf.constant(np.round(images * 255.0).astype(np.uint8))
+    logging.info('Outliers %s: %d images of shape %s.', source, len(images), info.image_shape)
+  return banks
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, hooks: Sequence[Any] = ()
 ) -> dict[str, Any]:
@@ -283,7 +288,10 @@ def train_and_evaluate(
   writer = tf.summary.create_file_writer(workdir) if chief else tf.summary.create_noop_writer()
 
   iterator = train_iterator(config, info, strategy, start_step)
-  train_steps = train_step.make_train_function(model, optimizer, config, strategy)
+  noise_fn = train_step.out_distribution(config, outlier_banks(config, info))
+  train_steps = train_step.make_train_function(
+    model, optimizer, config, strategy, noise_fn, total_steps
+  )
   test_dataset = input_pipeline.eval_dataset(
     config.dataset,
     'test',

@@ -4,18 +4,23 @@
   python -m acet_tf.evaluate --workdir=runs/mnist5k_acet --max_examples=500 --table2_examples=1000
   python -m acet_tf.evaluate --workdir=runs/mnist5k_acet --config=configs/eval.py:strong
   python -m acet_tf.evaluate --saved_model=exports/mnist5k_acet --output_dir=/tmp/eval_export
+  python -m acet_tf.evaluate --keras_model=model.keras --dataset=mnist5k --output_dir=/tmp/eval_k
 
 A thin binary: flags (or an evaluation config, configs/eval.py) -> settings_lib.Settings ->
-evaluator.evaluate_run (see acet_tf/evaluation/evaluator.py for what it writes).
+evaluator.evaluate_run (see acet_tf/evaluation/evaluator.py for what it writes); a .keras file
+saved from model.fit (acet_tf.keras.OutlierAwareModel, or any classifier of logits) goes through
+acet_tf.keras.evaluate.
 """
 
 import sys
 
 from absl import app
 from absl import flags
+import keras
 from ml_collections import config_flags
 
 from acet_tf import config_files
+from acet_tf import keras as acet_keras
 from acet_tf.data import out_datasets
 from acet_tf.evaluation import evaluator
 from acet_tf.evaluation import reporting
@@ -32,10 +37,16 @@ _SAVED_MODEL = flags.DEFINE_string(
   'Evaluate this SavedModel export instead of the checkpoint (a version '
   'directory, or an export directory whose newest version is used).',
 )
+_KERAS_MODEL = flags.DEFINE_string(
+  'keras_model',
+  None,
+  'Evaluate this .keras file (model.save of an acet_tf.keras.OutlierAwareModel or of a '
+  'classifier of logits) on --dataset; needs --output_dir.',
+)
 _DATASET = flags.DEFINE_string(
   'dataset',
   None,
-  'In-distribution dataset of --saved_model when '
+  'In-distribution dataset of --keras_model, or of --saved_model when '
   'neither --workdir nor the export metadata names it.',
 )
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where to write; default WORKDIR/eval.')
@@ -105,8 +116,10 @@ def _flag_value(name):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if not _WORKDIR.value and not _SAVED_MODEL.value:
-    raise app.UsageError('Give --workdir or --saved_model.')
+  if bool(_WORKDIR.value or _SAVED_MODEL.value) == bool(_KERAS_MODEL.value):
+    raise app.UsageError('Give --workdir or --saved_model (or both), or --keras_model.')
+  if _KERAS_MODEL.value and not (_DATASET.value and _OUTPUT_DIR.value):
+    raise app.UsageError('--keras_model needs --dataset and --output_dir.')
   if _EVAL_CONFIG.value is not None:
     given = {
       field: _flag_value(name) for name, field in _OVERRIDES.items() if flags.FLAGS[name].present
@@ -116,13 +129,21 @@ def main(argv):
     settings = settings_lib.Settings(
       **{field: _flag_value(name) for name, field in _OVERRIDES.items()}
     )
-  results = evaluator.evaluate_run(
-    settings,
-    workdir=_WORKDIR.value,
-    saved_model=_SAVED_MODEL.value,
-    dataset=_DATASET.value,
-    output_dir=_OUTPUT_DIR.value,
-  )
+  if _KERAS_MODEL.value:
+    results = acet_keras.evaluate(
+      keras.models.load_model(_KERAS_MODEL.value),
+      settings,
+      dataset=_DATASET.value,
+      output_dir=_OUTPUT_DIR.value,
+    )
+  else:
+    results = evaluator.evaluate_run(
+      settings,
+      workdir=_WORKDIR.value,
+      saved_model=_SAVED_MODEL.value,
+      dataset=_DATASET.value,
+      output_dir=_OUTPUT_DIR.value,
+    )
   print(reporting.format_table(results))
 
 

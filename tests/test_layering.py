@@ -42,6 +42,8 @@ def _add_import(root, module, statement):
     ('acet_tf.serving.codec', 'from acet_tf.artifacts import runs', 'serving'),
     ('acet_tf.data.custom_data', 'import tools.figures', 'the package never imports tools/'),
     ('acet_tf.training.trainer', 'from acet_tf.configs import common', 'layers'),
+    ('acet_tf.keras.outlier_aware_model', 'from acet_tf.configs import common', 'layers'),
+    ('acet_tf.exporting.exporter', 'from acet_tf.keras import outlier_aware_model', 'layers'),
     ('acet_tf.robustness.attack_spec', 'from acet_tf.ops import pgd', 'settings'),
   ],
 )

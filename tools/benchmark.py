@@ -13,6 +13,13 @@ The step timed is `train_step.make_train_function` itself, not a copy. Times are
 calls for at least --min_rep_s seconds. `peak_rss_mb` is the process's peak so far: run one case
 per process to read it for that case alone.
 
+With --keras_fit, each model x method case instead times acet_tf.keras.OutlierAwareModel.fit
+beside the trainer's step on the same config, model and batch, in the same process and
+alternating: each repetition runs --fit_steps trainer steps (one per call, as the trainer with
+steps_per_call=1), one fit call of --fit_steps steps and one of a single step. One `keras_fit`
+line per case (time_keras_fit): ms per step of each, wall and process CPU, fit's per-call set-up,
+and the per-repetition ratios fit / trainer as [median, min, max].
+
 With --profile, each train_step case is instead profiled (tf.profiler, --reps calls after the
 warm-up) and printed as one `profile` line per op type (ms per step, share of all op time, ops per
 step), largest first: where the step's time goes. Op time sums ops that ran concurrently, so it
@@ -36,6 +43,7 @@ import tensorflow as tf
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
 from acet_tf import cpu_backend
+from acet_tf import keras as acet_keras
 from acet_tf import models
 from acet_tf.configs import common
 from acet_tf.evaluation import alpha_search
@@ -44,7 +52,7 @@ from acet_tf.ops import pgd
 from acet_tf.training import train_step
 
 _MODEL = flags.DEFINE_list('model', ['lenet'], 'Models: lenet, preact_resnet, resnet18.')
-_METHOD = flags.DEFINE_list('method', ['plain', 'ceda', 'acet'], 'Methods: plain, ceda, acet.')
+_METHOD = flags.DEFINE_list('method', ['plain', 'ceda', 'acet'], 'Any of train_step.METHODS.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global clean images per step (as many noise again).')
 _PGD_STEPS = flags.DEFINE_integer('pgd_steps', 40, 'PGD steps of the ACET step and attack line.')
 _EVAL_PGD_STEPS = flags.DEFINE_integer(
@@ -69,6 +77,10 @@ _PGD_PASS = flags.DEFINE_string(
   "PGD's CPU pass: 'auto' (chosen from the kernel library), 'tape', or features joined by '+' "
   f'from {"/".join(pgd.CPU_PASS_FEATURES)} (pgd.force_cpu_pass).',
 )
+_KERAS_FIT = flags.DEFINE_bool(
+  'keras_fit', False, "Time OutlierAwareModel.fit beside the trainer's step (keras_fit lines)."
+)
+_FIT_STEPS = flags.DEFINE_integer('fit_steps', 20, 'Steps per repetition with --keras_fit.')
 _PROFILE = flags.DEFINE_integer(
   'profile', 0, 'Instead of timing: op time by op type of each step case, this many op types.'
 )
@@ -260,6 +272,89 @@ def time_train_step(config, strategy, reps=5, min_rep_s=1.0, warmup=2):
   )
 
 
+def fit_call(config, strategy):
+  """fn(steps) running one OutlierAwareModel.fit of `steps` steps on the trainer's model,
+  optimizer and fixed synthetic batch (train_call's); and the model."""
+  keras.mixed_precision.set_global_policy(config.mixed_precision or 'float32')
+  with strategy.scope():
+    classifier = models.create_model(config.model, MODEL_INPUTS[config.model], NUM_CLASSES)
+    model = acet_keras.OutlierAwareModel(classifier, config=config)
+    model.compile(optimizer=train_step.create_optimizer(config, 10**6))
+  dataset = tf.data.Dataset.from_tensors(synthetic_batch(config)).repeat()
+
+  def call(steps):
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+
+  return call, model
+
+
+def _timed(fn, *args):
+  """(wall ms, process CPU ms) of fn(*args). CPU time sums all threads and is less sensitive
+  than wall time to other processes on the machine."""
+  t, c = time.perf_counter(), time.process_time()
+  fn(*args)
+  return (time.perf_counter() - t) * 1e3, (time.process_time() - c) * 1e3
+
+
+def time_keras_fit(config, strategy, reps=5, steps=20, warmup=2):
+  """OutlierAwareModel.fit beside train_step.make_train_function, alternating. Returns a dict.
+
+  Each repetition: `steps` trainer calls of one step, a fit call of `steps` steps and a fit call
+  of one step. Per step, fit's time with its set-up spread over the steps (`fit_*`) and without
+  it (`fit_steady_*` = (fit of `steps` - fit of 1) / (steps - 1)); `fit_setup_ms` is what a fit
+  call costs beyond its steps (data adapter, iterator, callbacks). Ratios are fit / trainer per
+  repetition: median, min, max; wall and process CPU time.
+  """
+  if config.steps_per_call != 1:
+    raise ValueError('--keras_fit compares with the trainer at steps_per_call=1.')
+  if steps < 2:
+    raise ValueError(f'--fit_steps must be >= 2, got {steps}')
+  trainer_call, _ = train_call(config, strategy)
+  fit, model = fit_call(config, strategy)
+
+  def trainer(n):
+    for _ in range(n):
+      trainer_call()
+
+  for _ in range(warmup):
+    trainer(1)
+    fit(steps)
+  rows = collections.defaultdict(list)
+  for _ in range(reps):
+    for name, fn, n in (('trainer', trainer, steps), ('fit', fit, steps), ('fit1', fit, 1)):
+      wall, cpu = _timed(fn, n)
+      rows[f'{name}_wall'].append(wall)
+      rows[f'{name}_cpu'].append(cpu)
+  out = dict(
+    case='keras_fit',
+    model=config.model,
+    method=config.method,
+    batch=config.batch_size,
+    replicas=strategy.num_replicas_in_sync,
+    pgd_steps=config.pgd.steps,
+    steps_per_rep=steps,
+  )
+  for kind in ('wall', 'cpu'):
+    trainer_ms = [t / steps for t in rows[f'trainer_{kind}']]
+    fit_ms = [f / steps for f in rows[f'fit_{kind}']]
+    steady = [(f - f1) / (steps - 1) for f, f1 in zip(rows[f'fit_{kind}'], rows[f'fit1_{kind}'])]
+    setup = [f1 - s for f1, s in zip(rows[f'fit1_{kind}'], steady)]
+    out[f'trainer_{kind}_ms_per_step'] = round(statistics.median(trainer_ms), 1)
+    out[f'fit_{kind}_ms_per_step'] = round(statistics.median(fit_ms), 1)
+    out[f'fit_steady_{kind}_ms_per_step'] = round(statistics.median(steady), 1)
+    out[f'fit_setup_{kind}_ms'] = round(statistics.median(setup), 1)
+    for label, values in (('fit', fit_ms), ('fit_steady', steady)):
+      ratios = [v / t for v, t in zip(values, trainer_ms)]
+      out[f'{label}_{kind}_ratio'] = [
+        round(statistics.median(ratios), 3),
+        round(min(ratios), 3),
+        round(max(ratios), 3),
+      ]
+  out['fit_steps_run'] = int(model.optimizer.iterations.numpy())
+  out.update(_environment())
+  return out
+
+
 NOT_OPS = ('Process', 'Run', 'Start')  # Profiler events named like ops that are not ops.
 
 
@@ -443,6 +538,8 @@ def run(
   attack=True,
   table2=True,
   profile=0,
+  keras_fit=False,
+  fit_steps=20,
   emit=print,
 ):
   """Runs every model x method case (and the attack lines); `emit`s and returns the dicts.
@@ -457,14 +554,16 @@ def run(
       config = benchmark_config(
         model, method, batch, pgd_steps, jit, mixed_precision, steps_per_call
       )
-      if profile:
+      if keras_fit:
+        lines = [time_keras_fit(config, strategy, reps, fit_steps, warmup)]
+      elif profile:
         lines = profile_train_step(config, strategy, reps, warmup, profile)
       else:
         lines = [time_train_step(config, strategy, reps, min_rep_s, warmup)]
       for line in lines:
         emit(json.dumps(line))
       results += lines
-    if attack and not profile:
+    if attack and not profile and not keras_fit:
       config = benchmark_config(model, 'acet', batch, pgd_steps, jit, mixed_precision)
       results.append(time_attack(config, eval_pgd_steps, reps, min_rep_s, warmup, table2))
       emit(json.dumps(results[-1]))
@@ -493,6 +592,8 @@ def main(argv):
     attack=_ATTACK.value,
     table2=_TABLE2.value,
     profile=_PROFILE.value,
+    keras_fit=_KERAS_FIT.value,
+    fit_steps=_FIT_STEPS.value,
   )
 
 

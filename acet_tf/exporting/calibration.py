@@ -23,7 +23,7 @@ def _images(batches):
   return np.concatenate([np.asarray(x) for x, _ in batches])
 
 
-def measure_sets(model, config, info, num_examples, adv_noise_examples):
+def measure_sets(model, config, info, num_examples, adv_noise_examples, test_batches=None):
   """The test set, noise and adversarial noise, with the model's predictions on them.
 
   The evaluator's units test, noise and adv_noise (training_sets.evaluate_training_sets, as the
@@ -40,8 +40,8 @@ def measure_sets(model, config, info, num_examples, adv_noise_examples):
     raise ValueError(f'num_examples must be >= 1, got {num_examples}.')
   if adv_noise_examples < 0:
     raise ValueError(f'adv_noise_examples must be >= 0, got {adv_noise_examples}.')
-  test = None
-  if info.has_data:
+  test = test_batches
+  if test is None and info.has_data:
     test = input_pipeline.eval_dataset(
       config.dataset,
       'test',

@@ -17,9 +17,11 @@ metadata (class names, input ranges, the threshold and how it was chosen, the ac
 training config and final metrics) is the asset assets/metadata.json. The version is saved beside
 its final path, marked complete (export_layout.MANIFEST, written last) and renamed into place.
 
-The work is `export_model(...)`, which the binary and tests call.
+The work is `export_model(...)` for a run directory, which the binary and tests call, over
+`export_classifier(...)` for a Keras classifier in memory (acet_tf.keras.export).
 """
 
+from collections.abc import Iterable
 import datetime
 import json
 import os
@@ -28,10 +30,12 @@ from typing import Any
 
 from absl import logging
 import keras
+import ml_collections
 import tensorflow as tf
 
 from acet_tf.artifacts import export_layout
 from acet_tf.artifacts import runs
+from acet_tf.data import input_pipeline
 from acet_tf.evaluation import ood_metrics
 from acet_tf.exporting import abstaining_classifier
 from acet_tf.exporting import calibration
@@ -98,8 +102,64 @@ def export_model(
     (path of the version directory, the metadata dict written as its asset).
   """
   threshold = parse_threshold(threshold)
-  version = _next_version(export_dir, version)  # Checked before the minutes of measuring.
+  _next_version(export_dir, version)  # Checked before the model is restored.
   model, config, info, step = runs.restore_model(workdir)
+  return export_classifier(
+    model,
+    config,
+    info,
+    export_dir,
+    step=step,
+    workdir=workdir,
+    final_metrics=runs.read_json(workdir, runs.FINAL_METRICS, required=False),
+    version=version,
+    threshold=threshold,
+    keep=keep,
+    num_examples=num_examples,
+    adv_noise_examples=adv_noise_examples,
+    demo_request_path=demo_request_path,
+    demo_examples=demo_examples,
+  )
+
+
+def export_classifier(
+  model: keras.Model,
+  config: ml_collections.ConfigDict,
+  info: input_pipeline.DatasetInfo,
+  export_dir: str,
+  *,
+  step: int,
+  workdir: str | None = None,
+  final_metrics: dict[str, Any] | None = None,
+  test_batches: Iterable[tuple[Any, Any]] | None = None,
+  version: int | None = None,
+  threshold: str | float = 'auto',
+  keep: float = 0.95,
+  num_examples: int | None = None,
+  adv_noise_examples: int | None = None,
+  demo_request_path: str | None = None,
+  demo_examples: int = 5,
+) -> tuple[str, dict[str, Any]]:
+  """Exports a Keras classifier in memory to `export_dir/<version>`: export_model's work.
+
+  Args:
+    model: images float32 [B, H, W, C] in [0, 1] -> logits [B, K].
+    config: a training config, or one with what is read here: dataset, data_dir, method, model,
+      seed, noise and eval.{batch_size, max_examples, adv_noise_steps, adv_noise_eps,
+      adv_noise_step_size, adv_noise_examples}; written into the metadata.
+    info: input_pipeline.DatasetInfo of the in-distribution set (shape, classes, has_data).
+    step: the model's training step (metadata).
+    workdir: the run it came from, if any (metadata).
+    final_metrics: its final training metrics, if any (metadata).
+    test_batches: (images, labels) batches of the in-distribution test set for the calibration
+      and the accept rates; None: config.dataset's test split (if info.has_data).
+    The other arguments are export_model's.
+
+  Returns:
+    (path of the version directory, the metadata dict written as its asset).
+  """
+  threshold = parse_threshold(threshold)
+  version = _next_version(export_dir, version)  # Checked before the minutes of measuring.
   if threshold == 'auto' and not info.has_data:
     raise ValueError(
       f'--threshold=auto calibrates on the {config.dataset} test split, which is '
@@ -109,7 +169,9 @@ def export_model(
   adv_noise_examples = (
     config.eval.adv_noise_examples if adv_noise_examples is None else adv_noise_examples
   )
-  sets = calibration.measure_sets(model, config, info, num_examples, adv_noise_examples)
+  sets = calibration.measure_sets(
+    model, config, info, num_examples, adv_noise_examples, test_batches=test_batches
+  )
   if threshold == 'auto':
     test = sets['test'][1]
     value = ood_metrics.calibrate_threshold(test.confidence, test.predicted == test.labels, keep)
@@ -120,7 +182,7 @@ def export_model(
   metadata = {
     'format': 'acet_tf abstaining classifier, metadata version 1',
     'exported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-    'workdir': os.path.abspath(workdir),
+    'workdir': os.path.abspath(workdir) if workdir else None,
     'step': step,
     'dataset': config.dataset,
     'method': config.method,
@@ -172,7 +234,7 @@ def export_model(
       },
     },
     'config': json.loads(config.to_json()),
-    'final_metrics': runs.read_json(workdir, runs.FINAL_METRICS, required=False),
+    'final_metrics': final_metrics,
     'versions': {'tensorflow': tf.__version__, 'keras': keras.__version__},
   }
 
@@ -201,7 +263,7 @@ def export_model(
   logging.info(
     'Exported step %d of %s to %s; threshold %.6f (%s); accept rates %s',
     step,
-    workdir,
+    workdir or model.name,
     final_path,
     value,
     metadata['threshold']['mode'],

@@ -1,5 +1,6 @@
 """tools/benchmark.op_times: op time by op type from a tf.profiler trace."""
 
+import pytest
 import tensorflow as tf
 
 from tools import benchmark
@@ -35,3 +36,16 @@ def test_resident_split_adds_up_to_the_resident_set():
   # TensorFlow is imported: its shared libraries are mapped, so both parts are large.
   assert split['rss_anon_mb'] > 50 and split['rss_file_mb'] > 50
   assert abs(split['rss_anon_mb'] + split['rss_file_mb'] - rss_kb / 1024) < 0.05 * rss_kb / 1024
+
+
+@pytest.mark.slow  # About 8 s alone, more beside other jobs: two traces of the ACET step.
+def test_keras_fit_mode_times_fit_beside_the_trainers_step():
+  config = benchmark.benchmark_config('lenet', 'acet', batch=4, pgd_steps=2)
+  strategy = benchmark.create_strategy(1)
+  line = benchmark.time_keras_fit(config, strategy, reps=2, steps=2, warmup=1)
+  assert line['case'] == 'keras_fit' and line['pgd_steps'] == 2
+  assert line['fit_steps_run'] == 2 + 2 * (2 + 1)  # Warm-up, then per repetition 2 + 1.
+  for kind in ('wall', 'cpu'):
+    median, low, high = line[f'fit_{kind}_ratio']
+    assert low <= median <= high and low > 0
+    assert line[f'trainer_{kind}_ms_per_step'] > 0 and line[f'fit_{kind}_ms_per_step'] > 0

@@ -107,6 +107,22 @@ MUTATIONS = (
     APGD_TESTS,
     'momentum reset after a restart (x_prev := x_max; the rule before issue 22)',
   ),
+  Mutation(
+    'apgd_t_top1',
+    'acet_tf/robustness/worst_case.py',
+    'labels=top[:, t],',
+    'labels=top[:, 0],',
+    APGD_TESTS,
+    'APGD-T aims every run at the class on top at the centre',
+  ),
+  Mutation(
+    'apgd_t_untargeted',
+    'acet_tf/robustness/worst_case.py',
+    '        pgd.targeted_log_confidence_objective,',
+    '        objective,',
+    APGD_TESTS,
+    "APGD-T's runs climb the max log-confidence, not their target class",
+  ),
 )
 
 

@@ -8,7 +8,8 @@ Presets:
           paper's PGD), worst case per point, IBP guaranteed metrics; 1,000 points.
   strong  the worst case of the follow-up papers (ProoD/GOOD protocol, on a CPU budget): APGD 200
           steps x 3 restarts, the paper's PGD and sign-PGD 200 steps x 5 restarts with a decaying
-          step (issue 22), from the paper's noise, uniform noise and the
+          step and APGD-T 100 steps against each of the 9 most likely classes (issue 22), from
+          the paper's noise, uniform noise and the
           out-set images (GOOD's eps), IBP guaranteed metrics; full sets unless --max_examples.
 `runlocal` shrinks any preset to a smoke run of seconds (32 points, 5-step attacks).
 
@@ -23,7 +24,7 @@ from ml_collections import config_dict
 PRESETS = ('paper', 'quick', 'strong')
 
 
-def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True, schedule=()):
+def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True, schedule=(), targets=0):
   return ml_collections.ConfigDict(
     dict(
       kind=kind,
@@ -32,6 +33,7 @@ def _attack(kind, steps, restarts=1, step_fraction=None, random_start=True, sche
       step_fraction=config_dict.placeholder(float) if step_fraction is None else step_fraction,
       random_start=random_start,
       schedule=tuple(schedule),
+      targets=targets,  # APGD-T: runs against the `targets` most likely classes (attack_spec).
     )
   )
 
@@ -94,6 +96,8 @@ def get_config(arg=None):
     c.attacks.pgd_decay = _attack(
       'pgd', 200, restarts=5, schedule=((60, 0.1), (80, 0.025), (60, 1 / 150))
     )
+    # AutoAttack's APGD-T: a run against each of the 9 most likely classes at the centre.
+    c.attacks.apgd_t = _attack('apgd', 100, targets=9)
   if runlocal:
     c.max_examples = 32
     c.batch_size = 32

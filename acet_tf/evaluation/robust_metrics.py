@@ -132,6 +132,7 @@ def attacked_set(
         restarts=attack.restarts,
         step_fraction=attack.step_fraction,
         schedule=[list(s) for s in attack.schedule],
+        targets=attack.targets,
       )
   worst_of = {}
   for start, confidences in per_start.items():

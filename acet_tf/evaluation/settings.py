@@ -139,6 +139,7 @@ def settings_from_config(config, **overrides):
       step_fraction=a.get('step_fraction'),
       random_start=bool(a.get('random_start', True)),
       schedule=tuple(tuple(s) for s in (a.get('schedule') or ())),
+      targets=int(a.get('targets', 0)),
     )
     for name, a in dict(c.get('attacks') or {}).items()
   )

@@ -18,6 +18,11 @@ def max_log_confidence_objective(logits, labels):
   return losses.max_log_confidence(logits)
 
 
+def targeted_log_confidence_objective(logits, labels):
+  """APGD-T's adversarial noise: the log-probability of the target class `labels`. Returns [B]."""
+  return tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), labels, batch_dims=1)
+
+
 def cross_entropy_objective(logits, labels):
   """Adversarial samples: the attacker moves away from the true label. Returns [B]."""
   return losses.cross_entropy(logits, labels)

@@ -21,6 +21,11 @@ class Attack:
   schedule: PGD only: ((steps, step_fraction), ...) segments run one after the other, each from
     the best point of the one before (a decaying step: ((60, 0.1), (80, 0.025), (60, 1 / 150))
     at eps 0.3 is 0.03, 0.0075, 0.002); steps must be their sum, step_fraction is unused.
+  targets: APGD only: 0 (untargeted, the max log-confidence), or T > 0: APGD-T, as in AutoAttack,
+    one run per target class, the T most likely classes at the ball's centre, each maximising that
+    class's log-probability; the point's result is the best of the T by the max log-confidence.
+    Other members climb the class on top at the start; APGD-T finds balls where another class
+    reaches a higher confidence.
   """
 
   name: str
@@ -30,6 +35,7 @@ class Attack:
   step_fraction: float | None = None
   random_start: bool = True
   schedule: tuple = ()
+  targets: int = 0
 
   def __post_init__(self):
     if self.schedule:
@@ -50,6 +56,11 @@ class Attack:
         f'Attack {self.name!r}: steps must be >= 0 and restarts >= 1, got '
         f'{self.steps} and {self.restarts}'
       )
+    if self.targets < 0 or (self.targets and self.kind != 'apgd'):
+      raise ValueError(
+        f'Attack {self.name!r}: targets is for APGD and must be >= 0, got {self.kind} '
+        f'targets={self.targets}'
+      )
     if self.kind == 'pgd' and not (self.step_fraction and self.step_fraction > 0):
       raise ValueError(
         f'Attack {self.name!r}: PGD needs step_fraction > 0, got {self.step_fraction}'
@@ -60,4 +71,6 @@ class Attack:
     """Forward (+ input-gradient) passes per point."""
     if self.schedule:
       return self.restarts * (self.steps + 2 * len(self.schedule))
-    return self.restarts * (self.steps + (2 if self.kind == 'pgd' else 1))
+    per_run = self.steps + (2 if self.kind == 'pgd' else 1)
+    # APGD-T: one forward at the centre to rank the classes, then a run per target.
+    return self.restarts * (max(self.targets, 1) * per_run + (1 if self.targets else 0))

@@ -23,6 +23,11 @@ def restart_seed(seed, r):
   return seed if r == 0 else tf.random.experimental.stateless_fold_in(seed, 1000 + r)
 
 
+def _where(better, u, best):
+  """Per example u where `better` [B], else best."""
+  return tf.where(tf.reshape(better, [-1] + [1] * (len(u.shape) - 1)), u, best)
+
+
 def make_attack_fn(logits_fn, attack, objective, eps):
   """A compiled fn(images [B, ...], labels [B], seed [2]) -> best points [B, ...] over restarts."""
 
@@ -55,24 +60,50 @@ def make_attack_fn(logits_fn, attack, objective, eps):
         labels=labels,
         random_start=random_start,
       )
-    return apgd.apgd(
-      logits_fn,
-      images,
-      objective,
-      eps=eps,
-      steps=attack.steps,
-      seed=seed,
-      labels=labels,
-      random_start=random_start,
-    )
+    if not attack.targets:
+      return apgd.apgd(
+        logits_fn,
+        images,
+        objective,
+        eps=eps,
+        steps=attack.steps,
+        seed=seed,
+        labels=labels,
+        random_start=random_start,
+      )
+    return targeted(images, labels, seed, random_start)
+
+  def targeted(images, labels, seed, random_start):
+    """APGD-T: a run per top class at the centre; per point the best by `objective`."""
+    logits = logits_fn(images)
+    num_targets = min(attack.targets, logits.shape[-1])
+    top = tf.math.top_k(logits, k=num_targets).indices
+    best_u, best_obj = None, None
+    for t in range(num_targets):
+      u, _ = apgd.apgd(
+        logits_fn,
+        images,
+        pgd.targeted_log_confidence_objective,
+        eps=eps,
+        steps=attack.steps,
+        seed=tf.random.experimental.stateless_fold_in(seed, 2000 + t),
+        labels=top[:, t],
+        random_start=random_start,
+      )
+      obj = objective(logits_fn(u), labels)
+      if best_u is None:
+        best_u, best_obj = u, obj
+      else:
+        best_u = _where(obj > best_obj, u, best_u)
+        best_obj = tf.maximum(obj, best_obj)
+    return best_u, best_obj
 
   @tf.function(reduce_retracing=True)
   def run(images, labels, seed):
     best_u, best_obj = one(images, labels, seed, attack.random_start)
     for r in range(1, attack.restarts):
       u, obj = one(images, labels, restart_seed(seed, r), True)
-      better = obj > best_obj
-      best_u = tf.where(tf.reshape(better, [-1] + [1] * (len(u.shape) - 1)), u, best_u)
+      best_u = _where(obj > best_obj, u, best_u)
       best_obj = tf.maximum(obj, best_obj)
     return best_u
 

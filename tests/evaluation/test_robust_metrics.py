@@ -36,7 +36,12 @@ def test_paper_config_is_the_protocol_of_the_flags_alone():
     settings_lib.settings_from_config(eval_config.get_config('paper')) == settings_lib.Settings()
   )
   strong = settings_lib.settings_from_config(eval_config.get_config('strong'))
-  assert {a.name for a in strong.attacks} == {'pgd', 'apgd', 'pgd_decay'} and strong.guaranteed
+  assert {a.name for a in strong.attacks} == {
+    'pgd',
+    'apgd',
+    'pgd_decay',
+    'apgd_t',
+  } and strong.guaranteed
   decay = {a.name: a for a in strong.attacks}['pgd_decay']
   assert decay.schedule == ((60, 0.1), (80, 0.025), (60, 1 / 150)) and decay.restarts == 5
   assert 'photos' in strong.sets and strong.attacked_sets == ('adv_noise', 'out_sets')
@@ -103,10 +108,12 @@ def test_attacked_sets_worst_case_guaranteed_and_scores(tmp_path):
     'pgd@noise',
     'apgd@noise',
     'pgd_decay@noise',
+    'apgd_t@noise',
     'clean@uniform',
     'pgd@uniform',
     'apgd@uniform',
     'pgd_decay@uniform',
+    'apgd_t@uniform',
   }
   assert noise['attacks']['paper@noise']['mmc'] == results['out_sets']['adv_noise']['mmc']
   assert set(noise['worst_case']) == {'noise', 'uniform'}
@@ -259,6 +266,7 @@ def test_data_free_attacked_noise_reports_mmc_only(tmp_path):
     'pgd@uniform',
     'apgd@uniform',
     'pgd_decay@uniform',
+    'apgd_t@uniform',
   }
   w, g = entry['worst_case']['uniform'], entry['guaranteed']['uniform']
   assert w['auroc'] is None and g['auroc'] is None

@@ -257,3 +257,35 @@ def test_pgd_with_a_decaying_step_schedule_continues_from_the_best_point():
     attack_spec.Attack('x', 'pgd', 29, schedule=schedule)
   with pytest.raises(ValueError, match='schedule is for PGD'):
     attack_spec.Attack('x', 'apgd', 30, schedule=schedule)
+
+
+def test_targeted_apgd_finds_a_class_the_untargeted_attacks_climb_away_from():
+  # Logits (1, 40 (u0 - 0.7), 0): at the centre class 0 is on top, and climbing its
+  # log-probability pushes u0 down to 0.2 (confidence e / (e + 1) = 0.73). Class 1 only wins
+  # above u0 = 0.725, where it reaches 0.94 at the ball's edge u0 = 0.8: only a run aimed at it
+  # goes there (from the centre; a random start rarely lands past 0.725). targets > K is capped.
+  x0 = tf.stack([tf.fill([8], 0.5), tf.linspace(0.3, 0.7, 8)], axis=1)
+  labels = tf.zeros([8], tf.int32)
+
+  def logits_fn(u):
+    return tf.stack([tf.ones_like(u[:, 0]), 40.0 * (u[:, 0] - 0.7), tf.zeros_like(u[:, 0])], 1)
+
+  def best_confidence(attack):
+    run = worst_case.make_attack_fn(logits_fn, attack, pgd.max_log_confidence_objective, 0.3)
+    u = run(x0, labels, SEED)
+    assert np.all(np.abs(u.numpy() - x0.numpy()) <= 0.3 + 1e-6)
+    return np.max(tf.nn.softmax(logits_fn(u)).numpy(), axis=1)
+
+  untargeted = best_confidence(attack_spec.Attack('apgd', 'apgd', 50, random_start=False))
+  top1 = best_confidence(attack_spec.Attack('t1', 'apgd', 50, random_start=False, targets=1))
+  # Class 1 is the least likely at the centre (-8 < 0 < 1): the third target.
+  targeted = best_confidence(attack_spec.Attack('t3', 'apgd', 50, random_start=False, targets=3))
+  np.testing.assert_allclose(untargeted, np.e / (np.e + 1), atol=1e-3)
+  np.testing.assert_allclose(top1, untargeted, atol=1e-3)  # The top class alone: the same climb.
+  best_class1 = np.exp(4.0) / (np.exp(4.0) + np.e + 1)
+  np.testing.assert_allclose(targeted, best_class1, atol=1e-3)
+  capped = best_confidence(attack_spec.Attack('t9', 'apgd', 50, random_start=False, targets=9))
+  np.testing.assert_array_equal(capped, targeted)
+  assert attack_spec.Attack('t', 'apgd', 50, restarts=2, targets=3).passes == 2 * (3 * 51 + 1)
+  with pytest.raises(ValueError, match='targets is for APGD'):
+    attack_spec.Attack('x', 'pgd', 10, step_fraction=0.1, targets=2)

@@ -26,7 +26,15 @@ from acet_tf.training import train_step
 
 METHODS = train_step.METHODS
 # The step config's keys that the keyword overrides may set (nested ones take a dict of fields).
-STEP_KEYS = ('seed', 'noise', 'pgd', 'weight_decay', 'weight_decay_variables', 'jit_compile')
+STEP_KEYS = (
+  'seed',
+  'noise',
+  'pgd',
+  'good',
+  'weight_decay',
+  'weight_decay_variables',
+  'jit_compile',
+)
 MODEL_KEYS = ('name', 'trainable', 'dtype')  # keras.Model's own keyword arguments.
 
 
@@ -267,13 +275,16 @@ def check_batch(x, y, num_classes):
 @keras.saving.register_keras_serializable(package='acet_tf')
 class OutlierAwareModel(keras.Model):
   """Wraps an image classifier (images float32 [B, H, W, C] in [0, 1] -> logits [B, K]) so
-  that fit trains it with `method`: plain, CEDA (noise) or ACET (adversarial noise).
+  that fit trains it with `method`: plain, CEDA (noise), ACET (adversarial noise), OE or GOOD.
 
   Args:
     classifier: a keras.Model of logits (no final softmax), e.g. a keras.Sequential.
-    method: one of METHODS ('plain', 'ceda', 'acet'); None: config.method.
+    method: one of METHODS ('plain', 'ceda', 'acet', 'oe', 'good'); None: config.method. On
+      the paper's noise only (the trainer's config.out_data takes outlier images).
     config: the hyperparameters, an ml_collections.ConfigDict with train_step.step_config's keys
       (any acet_tf training config has them); None: the paper's recipe for `method`.
+    total_steps: the length of the fit, for GOOD's ramp (train_step.good_ramp; required for
+      'good' unless good.ramp_end is 0). validate/evaluate use the ramp's end values.
     **kwargs: STEP_KEYS overrides (seed=, noise=dict(...), pgd=dict(steps=..., step_size=...),
       weight_decay=, weight_decay_variables=, jit_compile=), then keras.Model's (name=).
 
@@ -283,7 +294,7 @@ class OutlierAwareModel(keras.Model):
   The trained classifier is `model.classifier` (acet_tf.keras.evaluate, acet_tf.keras.export).
   """
 
-  def __init__(self, classifier, method=None, config=None, **kwargs):
+  def __init__(self, classifier, method=None, config=None, total_steps=None, **kwargs):
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in STEP_KEYS}
     unknown = sorted(set(kwargs) - set(MODEL_KEYS))
     if unknown:
@@ -294,6 +305,18 @@ class OutlierAwareModel(keras.Model):
     super().__init__(**kwargs)
     self.step_config = make_step_config(method, config, **overrides)
     self.method = self.step_config.method
+    good = self.step_config.get('good')
+    if good is not None and good.ramp_end > 0 and total_steps is None:
+      # The trainer knows its length; fit does not, and a ramp over a guessed length would
+      # silently be another schedule.
+      raise ValueError(
+        "method 'good' ramps its eps and weight over the first good.ramp_end of training: give "
+        'total_steps= (epochs x steps per epoch), or good=dict(ramp_start=0, ramp_end=0) for no '
+        'ramp.'
+      )
+    if total_steps is not None and int(total_steps) < 1:
+      raise ValueError(f'total_steps must be >= 1, got {total_steps}.')
+    self.total_steps = None if total_steps is None else int(total_steps)
     self.image_shape, self.num_classes = check_classifier(classifier)
     self.classifier = classifier
     warn_undecayed(classifier, self.step_config.weight_decay_variables)
@@ -346,7 +369,7 @@ class OutlierAwareModel(keras.Model):
   def _step_fn(self):
     if self._replica_step is None or self._replica_step_optimizer is not self.optimizer:
       self._replica_step = train_step.make_replica_step(
-        self.classifier, self.optimizer, self.step_config
+        self.classifier, self.optimizer, self.step_config, total_steps=self.total_steps or 1
       )
       self._replica_step_optimizer = self.optimizer
     return self._replica_step
@@ -410,6 +433,7 @@ class OutlierAwareModel(keras.Model):
       'classifier': keras.saving.serialize_keras_object(self.classifier),
       'method': self.method,
       'config': self.step_config.to_dict(),
+      'total_steps': self.total_steps,
     }
 
   @classmethod

@@ -50,7 +50,7 @@ def mnist5k_batches(config, steps):
   return batches
 
 
-def trainer_steps(config, init, batches):
+def trainer_steps(config, init, batches, total_steps):
   """The trainer's compiled step, one call per batch; (per-step sums, weights after)."""
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
@@ -58,7 +58,9 @@ def trainer_steps(config, init, batches):
     model.set_weights(init)
     optimizer = train_step.create_optimizer(config, total_steps=100)
     optimizer.build(model.trainable_variables)
-  train = train_step.make_train_function(model, optimizer, config, strategy)
+  train = train_step.make_train_function(
+    model, optimizer, config, strategy, total_steps=total_steps
+  )
   dataset = tf.data.Dataset.from_generator(
     lambda: iter(batches),
     output_signature=(
@@ -99,11 +101,12 @@ def test_fit_gives_the_trainers_losses_and_weights(method):
   batches = mnist5k_batches(config, STEPS)
   keras.utils.set_random_seed(config.seed)
   init = models.create_model('lenet', (28, 28, 1), 10).get_weights()
-  want_sums, want_weights = trainer_steps(config, init, batches)
+  # GOOD's ramp over 10 steps (0 until step 0.5, full at step 3): the steps below are on it.
+  want_sums, want_weights = trainer_steps(config, init, batches, total_steps=10)
 
   classifier = models.create_model('lenet', (28, 28, 1), 10)
   classifier.set_weights(init)
-  model = acet_keras.OutlierAwareModel(classifier, config=config)
+  model = acet_keras.OutlierAwareModel(classifier, config=config, total_steps=10)
   model.compile(optimizer=train_step.create_optimizer(config, total_steps=100))
   images = np.concatenate([b[0] for b in batches])
   labels = np.concatenate([b[1] for b in batches])
@@ -328,6 +331,8 @@ def test_a_classifier_without_logits_is_refused(make, match):
   'kwargs, match',
   [
     (dict(method='nope'), "Unknown method 'nope'"),
+    (dict(method='good'), 'give total_steps='),
+    (dict(method='acet', total_steps=0), 'total_steps must be >= 1'),
     (dict(method='acet', pgd=dict(stepz=3)), r"Unknown pgd field\(s\) \['stepz'\]"),
     (dict(method='acet', epsilon=0.3), "Unknown hyperparameter 'epsilon'"),
     (dict(method='ceda', pgd=dict(steps=5)), 'method ceda uses no PGD'),

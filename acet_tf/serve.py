@@ -51,6 +51,11 @@ _SOCKET_TIMEOUT = flags.DEFINE_integer(
   runner.SOCKET_TIMEOUT_S,
   'A client silent this long (mid-request or idle) is disconnected.',
 )
+_MAX_CONNECTIONS = flags.DEFINE_integer(
+  'max_connections',
+  runner.MAX_CONNECTIONS,
+  'Open HTTP connections at once (idle ones cost no worker); past it new ones wait to be accepted.',
+)
 
 
 def main(argv):
@@ -83,6 +88,9 @@ def main(argv):
     _PORT.value,
     num_threads=_HTTP_THREADS.value,
     socket_timeout_s=_SOCKET_TIMEOUT.value,
+    max_connections=_MAX_CONNECTIONS.value,
+    # Above the app's own limit, so that a body a little too large gets the app's JSON 413.
+    max_body_bytes=2 * _MAX_BODY_BYTES.value + 1,
     on_stop=lambda: rest_app.close_app(rest),
     description=(
       f'model {_MODEL_NAME.value!r} version(s) {rest.versions.versions} '

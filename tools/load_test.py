@@ -44,7 +44,8 @@ def start_server(export_dir, log_path, flags):
       f'--export_dir={export_dir}',
       f'--model_name={NAME}',
       '--host=127.0.0.1',
-      '--port=0',
+      '--port=0',  # gRPC, as TF Serving's --port.
+      '--rest_api_port=0',
       '--file_system_poll_wait_seconds=0',
       *flags,
     ],

@@ -23,6 +23,10 @@ class VersionNotFoundError(LookupError):
   """The requested version is not served; the message lists those that are."""
 
 
+class VersionLoadingError(VersionNotFoundError):
+  """The requested version is being loaded; it is served once AVAILABLE (retry)."""
+
+
 class ModelVersions:
   """The served versions of one export: get(version), status(version), a polling thread."""
 
@@ -126,6 +130,10 @@ class ModelVersions:
       return models[max(models)]
     if version not in models:
       state = self._states.get(version, ('',))[0]
+      if state == 'LOADING':
+        raise VersionLoadingError(
+          f'Version {version} is loading; the server serves version(s) {sorted(models)}.'
+        )
       why = f' (state {state})' if state else ''
       raise VersionNotFoundError(
         f'Version {version} is not served{why}; the server serves version(s) {sorted(models)}.'

@@ -40,6 +40,7 @@ def serve(
   max_body_bytes=1 << 30,
   shutdown_timeout_s=60.0,
   description='',
+  on_signal=None,
   on_stop=None,
   on_started=None,
 ):
@@ -51,7 +52,8 @@ def serve(
   app sees them (the app has its own, smaller, body limit with a JSON error). Call from the main
   thread. On the signal: stop accepting, close idle connections, let the requests in flight
   (started, queued, running or being written) finish for up to shutdown_timeout_s, then
-  on_stop() and return. on_started(port) once bound (port 0 becomes a real one).
+  on_stop() and return. on_signal() right after the signal (to stop other servers at the same
+  time); on_started(port) once bound (port 0 becomes a real one).
   """
   server = waitress_server.create_server(
     wsgi_app,
@@ -79,6 +81,8 @@ def serve(
     while not stop.wait(0.5) and thread.is_alive():
       pass
     logging.info('Signal received: shutting down.')
+    if on_signal is not None:
+      on_signal()
   finally:
     _drain(server, thread, shutdown_timeout_s)
     if on_stop is not None:

@@ -26,6 +26,13 @@ class RequestError(ValueError):
     self.code = code
 
 
+class DeadlineExceededError(RequestError):
+  """The request's deadline passed before its model call started; it was not run."""
+
+  def __init__(self, message='The request deadline passed before the model ran; it was not run.'):
+    super().__init__(message, 504)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
   dtype: np.dtype
@@ -126,6 +133,7 @@ class ServedModel:
     with tf.io.gfile.GFile(os.path.join(self.path, 'saved_model.pb'), 'rb') as f:
       proto.ParseFromString(f.read())
     defs = proto.meta_graphs[0].signature_def
+    self.signature_def_protos = {name: defs[name] for name in self.specs}  # For gRPC metadata.
     return {
       name: json_format.MessageToDict(defs[name], preserving_proto_field_name=True)
       for name in self.specs

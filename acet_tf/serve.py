@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from acet_tf.serving import grpc_service
+from acet_tf.serving import model_config
 from acet_tf.serving import rest_app
 from acet_tf.serving import runner
 
@@ -43,6 +44,17 @@ _POLL_SECONDS = flags.DEFINE_float(
 _KEEP_VERSIONS = flags.DEFINE_integer('keep_versions', 1, 'Serve the newest N complete versions.')
 _LABELS = flags.DEFINE_string(
   'version_labels', '', 'Version labels, e.g. "stable=1,canary=2" (each must be a served version).'
+)
+_CONFIG_FILE = flags.DEFINE_string(
+  'model_config_file',
+  None,
+  "TF Serving's text-format ModelServerConfig (one model): name, base_path, version policy and "
+  'version_labels, instead of --model_name, --export_dir, --keep_versions, --version_labels.',
+)
+_CONFIG_POLL = flags.DEFINE_float(
+  'model_config_file_poll_wait_seconds',
+  0.0,
+  'Seconds between re-reads of --model_config_file (its labels apply live); 0 reads it once.',
 )
 _ENABLE_BATCHING = flags.DEFINE_bool(
   'enable_batching', False, 'Merge concurrent requests (REST and gRPC) into one model call.'
@@ -99,17 +111,39 @@ def parse_labels(text):
   return labels
 
 
+def model_from_flags():
+  """The served model (a model_config.ModelConfig) from --model_config_file or the flags."""
+  if _CONFIG_FILE.value:
+    clash = [
+      f'--{n}'
+      for n in ('export_dir', 'model_base_path', 'model_name', 'keep_versions', 'version_labels')
+      if flags.FLAGS[n].present
+    ]
+    if clash:
+      raise app.UsageError(f'--model_config_file names the model; drop {", ".join(clash)}.')
+    try:
+      return model_config.read(_CONFIG_FILE.value)
+    except (OSError, model_config.ConfigError) as e:
+      raise app.UsageError(f'--model_config_file: {e}') from None
+  if bool(_EXPORT_DIR.value) == bool(_MODEL_BASE_PATH.value):
+    raise app.UsageError('Give one of --export_dir and --model_base_path (the same thing).')
+  if not _MODEL_NAME.value:
+    raise app.UsageError('--model_name is required.')
+  return model_config.ModelConfig(
+    name=_MODEL_NAME.value,
+    base_path=_EXPORT_DIR.value or _MODEL_BASE_PATH.value,
+    keep=_KEEP_VERSIONS.value,
+    versions=None,
+    labels=parse_labels(_LABELS.value),
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if flags.FLAGS['port'].present and not flags.FLAGS['rest_api_port'].present:
     raise app.UsageError(PORT_MOVED.format(port=_PORT.value))
-  if bool(_EXPORT_DIR.value) == bool(_MODEL_BASE_PATH.value):
-    raise app.UsageError('Give one of --export_dir and --model_base_path (the same thing).')
-  export_dir = _EXPORT_DIR.value or _MODEL_BASE_PATH.value
-  if not _MODEL_NAME.value:
-    raise app.UsageError('--model_name is required.')
-  labels = parse_labels(_LABELS.value)
+  config = model_from_flags()
   batching = None
   if _ENABLE_BATCHING.value:
     batching = {
@@ -118,25 +152,29 @@ def main(argv):
       'num_batch_threads': _BATCH_THREADS.value,
       'max_enqueued_batches': _BATCH_QUEUE.value,
     }
+  export_dir, labels = config.base_path, config.labels
   rest = rest_app.create_app(
     export_dir,
-    _MODEL_NAME.value,
+    config.name,
     threshold=_THRESHOLD.value,
     max_body_bytes=_MAX_BODY_BYTES.value,
     max_batch_size=_MAX_BATCH_SIZE.value,
-    keep_versions=_KEEP_VERSIONS.value,
+    keep_versions=config.keep,
+    allowed_versions=config.versions,
     poll_interval_s=_POLL_SECONDS.value,
     batching=batching,
     tune_gc=True,
     request_timeout_s=_REQUEST_TIMEOUT.value,
     labels=labels,
   )
-  for label in labels:  # Each must point at a served version, as in TF Serving.
-    try:
-      rest.version_for_label(label)
-    except LookupError as e:
-      rest_app.close_app(rest)
-      raise app.UsageError(f'--version_labels: {e}') from None
+  try:  # Each label must point at a served version, as in TF Serving.
+    rest.set_labels(labels)
+  except LookupError as e:
+    rest_app.close_app(rest)
+    raise app.UsageError(f'version labels: {e}') from None
+  watcher = None
+  if _CONFIG_FILE.value and _CONFIG_POLL.value > 0:
+    watcher = model_config.Watcher(_CONFIG_FILE.value, config, rest.set_labels, _CONFIG_POLL.value)
   grpc_server, grpc_port = grpc_service.create_server(
     rest, _HOST.value, _PORT.value, num_threads=_GRPC_THREADS.value
   )
@@ -150,6 +188,8 @@ def main(argv):
     if not stopped:
       stop_grpc()
     stopped[0].wait()
+    if watcher is not None:
+      watcher.close()
     rest_app.close_app(rest)
 
   runner.serve(
@@ -164,7 +204,7 @@ def main(argv):
     on_signal=stop_grpc,
     on_stop=on_stop,
     description=(
-      f'model {_MODEL_NAME.value!r} version(s) {rest.versions.versions} '
+      f'model {config.name!r} version(s) {rest.versions.versions} '
       f'from {export_dir}, threshold {rest.model.threshold:.6f}, '
       f'batching {batching or "off"}, gRPC port {grpc_port}, REST'
     ),

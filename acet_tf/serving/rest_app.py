@@ -180,6 +180,16 @@ class RestApp:
     self.versions.get(version)  # A label points only at a served version, as in TF Serving.
     return version
 
+  def set_labels(self, labels):
+    """Replaces the labels in one step; LookupError (and no change) if one names a version not
+    served."""
+    for label, version in labels.items():
+      try:
+        self.versions.get(version)
+      except model_versions.VersionNotFoundError as e:
+        raise LookupError(f'label {label!r} -> version {version}: {e}') from None
+    self.labels = dict(labels)
+
   def _status(self, request, version, deadline):
     del request, deadline
     return 200, {'model_version_status': self.versions.status(version)}
@@ -253,14 +263,15 @@ def create_app(
   tune_gc: bool = False,
   request_timeout_s: float | None = None,
   labels: Mapping[str, int] | None = None,
+  allowed_versions: tuple | None = None,
 ) -> 'RestApp':
   """Loads the export and returns its RestApp (a WSGI callable).
 
   version: serve only this version (no watching); otherwise the newest `keep_versions`, polled
   every `poll_interval_s` seconds (0: loaded once). batching: None, or a dict of
   dynamic_batching.Batcher's arguments (max_batch_size, batch_timeout_micros, num_batch_threads,
-  max_enqueued_batches). tune_gc: freeze_gc() after each load (process-wide, so for the server
-  binary, not for a library caller).
+  max_enqueued_batches). allowed_versions: serve only these (None: any). tune_gc: freeze_gc()
+  after each load (process-wide, so for the server binary, not for a library caller).
   """
   after_load = freeze_gc if tune_gc else (lambda: None)
   metrics = monitoring.ServingMetrics()
@@ -276,6 +287,7 @@ def create_app(
       functools.partial(served_model.ServedModel.from_version_dir, threshold=threshold),
       keep=keep_versions,
       poll_interval_s=poll_interval_s,
+      allowed=allowed_versions,
       on_change=lambda states: (metrics.observe_versions(states), after_load()),
     )
   rest = RestApp(

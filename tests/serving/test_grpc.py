@@ -25,6 +25,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 from werkzeug import test as werkzeug_test
 
 from acet_tf.serving import grpc_service
+from acet_tf.serving import model_config
 from acet_tf.serving import model_versions
 from acet_tf.serving import rest_app
 from acet_tf.serving import served_model
@@ -434,3 +435,78 @@ def test_port_alone_is_refused_naming_the_rest_flag(tmp_path):
   )
   assert result.returncode != 0
   assert '--rest_api_port=8501' in result.stderr and 'gRPC port' in result.stderr
+
+
+def test_model_config_parse_and_refusals():
+  config = model_config.parse(
+    'model_config_list { config { name: "m" base_path: "/e" model_platform: "tensorflow" '
+    'model_version_policy { specific { versions: 3 versions: 1 } } '
+    'version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 3 } } }'
+  )
+  assert config == model_config.ModelConfig('m', '/e', 2, (1, 3), {'stable': 1, 'canary': 3})
+  latest = model_config.parse(
+    'model_config_list { config { name: "m" base_path: "/e" '
+    'model_version_policy { latest { num_versions: 2 } } } }'
+  )
+  assert (latest.keep, latest.versions, latest.labels) == (2, None, {})
+  assert model_config.parse('model_config_list { config { name: "m" base_path: "/e" } }').keep == 1
+  for text, says in [
+    (
+      'model_config_list { config { name: "a" base_path: "/a" } '
+      'config { name: "b" base_path: "/b" } }',
+      'one model per process',
+    ),
+    ('model_config_list { config { name: "a" } }', 'base_path'),
+    ('model_config_list { config { name: "a" base_path: "/a" model_platform: "pt" } }', 'pt'),
+    ('model_config_list { nonsense: 1 }', 'not a text-format'),
+  ]:
+    with pytest.raises(model_config.ConfigError, match=says):
+      model_config.parse(text)
+
+
+def _config_text(export_dir, canary):
+  return (
+    f'model_config_list {{ config {{ name: "{NAME}" base_path: "{export_dir}" '
+    'model_platform: "tensorflow" model_version_policy { latest { num_versions: 2 } } '
+    'version_labels { key: "stable" value: 1 } '
+    f'version_labels {{ key: "canary" value: {canary} }} }} }}'
+  )
+
+
+@pytest.mark.slow
+def test_model_config_file_serves_two_versions_and_relabels_live(exported_run, tmp_path):
+  base = tmp_path / 'export'
+  for version in (1, 2):
+    shutil.copytree(exported_run['path'], base / str(version))
+  config = tmp_path / 'models.config'
+  config.write_text(_config_text(base, 2))
+  log = tmp_path / 'stderr.txt'
+  proc, _ = support.start_server(
+    None,
+    None,
+    log,
+    f'--model_config_file={config}',
+    '--model_config_file_poll_wait_seconds=0.3',
+  )
+  channel = grpc.insecure_channel(support.grpc_address(log))
+  try:
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    images, _ = support.digits(1)
+
+    def version_of(label):
+      return stub.Predict(predict_request(images, label=label), 30.0).model_spec.version.value
+
+    assert (version_of('stable'), version_of('canary')) == (1, 2)
+    config.write_text(_config_text(base, 1))
+    deadline = time.monotonic() + 30
+    while version_of('canary') != 1 and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert version_of('canary') == 1
+    config.write_text(_config_text(base, 9))  # Not a served version: refused, old labels kept.
+    time.sleep(1.5)
+    assert version_of('canary') == 1
+    assert 'label' in log.read_text() and 'version 9' in log.read_text()
+  finally:
+    channel.close()
+    proc.kill()
+    proc.wait()

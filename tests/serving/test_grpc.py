@@ -24,6 +24,8 @@ from tensorflow_serving.apis import predict_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 from werkzeug import test as werkzeug_test
 
+from acet_tf.artifacts import export_layout
+from acet_tf.artifacts import warmup
 from acet_tf.serving import grpc_service
 from acet_tf.serving import model_config
 from acet_tf.serving import model_versions
@@ -510,3 +512,34 @@ def test_model_config_file_serves_two_versions_and_relabels_live(exported_run, t
     channel.close()
     proc.kill()
     proc.wait()
+
+
+@pytest.mark.slow
+def test_export_writes_warm_up_requests_replayed_before_available(exported_run, tmp_path):
+  requests = warmup.read(exported_run['path'])
+  assert sorted(r.model_spec.signature_name for r in requests) == sorted(
+    ['serving_default', 'serving_uint8', 'with_threshold', 'serving_image_bytes']
+  )
+  assert served_model.ServedModel.from_version_dir(exported_run['path']).warmed_up == 4
+  assert (
+    served_model.ServedModel.from_version_dir(exported_run['path'], warm_up=False).warmed_up == 0
+  )
+  # A version whose warm-up request fails is not served; the one before keeps serving.
+  base = tmp_path / 'export'
+  shutil.copytree(exported_run['path'], base / '1')
+  versions = model_versions.ModelVersions(
+    str(base), served_model.ServedModel.from_version_dir, keep=1
+  )
+  shutil.copytree(exported_run['path'], base / '2')
+  bad = predict_pb2.PredictRequest()
+  bad.model_spec.signature_name = 'serving_default'
+  bad.inputs['images'].CopyFrom(tf.make_tensor_proto(np.full([1, 28, 28, 1], 5.0, np.float32)))
+  warmup.write(str(base / '2'), [('serving_default', bad)])
+  export_layout.write_manifest(str(base / '2'))
+  try:
+    versions.poll()
+    assert versions.versions == [1]
+    [status] = versions.status(2)
+    assert status['state'] == 'END' and 'Warm-up request 0' in status['status']['error_message']
+  finally:
+    versions.close()

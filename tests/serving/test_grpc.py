@@ -543,3 +543,34 @@ def test_export_writes_warm_up_requests_replayed_before_available(exported_run, 
     assert status['state'] == 'END' and 'Warm-up request 0' in status['status']['error_message']
   finally:
     versions.close()
+
+
+@pytest.mark.slow
+def test_load_test_tool_runs_grpc_beside_rest(exported_run):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'tools.load_test',
+      f'--export_dir={exported_run["export_dir"]}',
+      '--seconds=1',
+      '--rounds=1',
+      '--clients_b1=4',
+      '--clients_b64=2',
+      '--cases=b1,b64png',
+      '--protocols=rest,grpc',
+    ],
+    cwd=support.ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+  served = {(s['case'], s['batching'], s['protocol']) for s in lines if 'protocol' in s}
+  assert served == {
+    (c, m, p) for c in ('b1', 'b64png') for m in ('off', 'on') for p in ('rest', 'grpc')
+  }
+  assert all(s['errors'] == 0 and s['requests'] > 0 for s in lines if 'requests' in s)
+  assert '| b64png | gRPC, batching on |' in proc.stdout

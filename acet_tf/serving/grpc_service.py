@@ -111,7 +111,7 @@ class Services(
         f'Signature {name!r} takes the inputs {sorted(specs)}; missing {missing}, unknown {extra}.',
       )
     arrays = {}
-    for key, spec in specs.items():
+    for key, spec in sorted(specs.items()):
       try:
         array = tf.make_ndarray(request.inputs[key])
       except Exception as e:  # Deliberately broad: any undecodable TensorProto is the client's.

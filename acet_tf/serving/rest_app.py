@@ -221,7 +221,8 @@ class RestApp:
     served_model.DeadlineExceededError is raised.
     """
     specs = model.specs[name]
-    size = len(next(iter(arrays.values())))
+    # The batch size from a batched input (with_threshold's threshold is a scalar).
+    size = next((len(arrays[k]) for k, s in sorted(specs.items()) if s.batched), 1)
     batchable = all(s.batched for s in specs.values())
     if deadline is not None and time.monotonic() >= deadline:
       raise served_model.DeadlineExceededError()

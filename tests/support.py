@@ -48,6 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def start_server(export_dir, model_name, log, *flags):
   """The acet_tf.serve binary on port 0 (it picks a free port and logs it), its stderr in `log`.
+  model_name None: the flags name the model (--model_config_file).
 
   Returns (process, base URL); fails the test with the log's tail if it does not start in 300 s.
   """
@@ -57,9 +58,9 @@ def start_server(export_dir, model_name, log, *flags):
         sys.executable,
         '-m',
         'acet_tf.serve',
-        f'--export_dir={export_dir}',
-        f'--model_name={model_name}',
-        '--port=0',
+        *([f'--export_dir={export_dir}', f'--model_name={model_name}'] if model_name else []),
+        '--port=0',  # gRPC, as TF Serving's --port.
+        '--rest_api_port=0',
         *flags,
       ],
       cwd=ROOT,
@@ -75,6 +76,11 @@ def start_server(export_dir, model_name, log, *flags):
       proc.kill()
       pytest.fail(f'server did not start:\n{log.read_text()[-3000:]}')
     time.sleep(0.2)
+
+
+def grpc_address(log):
+  """host:port of the gRPC server a start_server log names."""
+  return re.search(r'Serving gRPC at (127\.0\.0\.1:\d+)', log.read_text()).group(1)
 
 
 # Data and models shared by the data, training and model tests.

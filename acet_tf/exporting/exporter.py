@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from acet_tf.artifacts import export_layout
 from acet_tf.artifacts import runs
+from acet_tf.artifacts import warmup
 from acet_tf.data import input_pipeline
 from acet_tf.evaluation import ood_metrics
 from acet_tf.exporting import abstaining_classifier
@@ -253,6 +254,9 @@ def export_classifier(
       module.metadata = tf.saved_model.Asset(asset)
       tf.io.gfile.makedirs(export_dir)
       tf.saved_model.save(module, tmp_path, signatures=module.signatures())
+      warmup.write(
+        tmp_path, warmup.requests_for(info.image_shape, abstaining_classifier.INPUT_RANGES)
+      )
       export_layout.write_manifest(tmp_path)  # Last: marks the version complete.
     if tf.io.gfile.exists(final_path):
       raise FileExistsError(f'{final_path} appeared while exporting; nothing was overwritten.')

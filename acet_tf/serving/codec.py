@@ -83,19 +83,23 @@ def to_bytes_array(name, value, spec):
       raise served_model.RequestError(
         f"instance {i} of '{name}' is not valid base64: {e}."
       ) from None
-    if not data.startswith(_IMAGE_MAGIC):
-      raise served_model.RequestError(
-        f"instance {i} of '{name}' is not a PNG, JPEG, GIF or BMP file (it "
-        f'starts with {data[:8]!r}).'
-      )
-    pixels = image_pixels(data)
-    if pixels is not None and pixels > MAX_IMAGE_PIXELS:
-      raise served_model.RequestError(
-        f"instance {i} of '{name}' claims {pixels} pixels, more than the server's "
-        f'limit of {MAX_IMAGE_PIXELS}; send smaller images.'
-      )
+    _check_image(name, i, data)
     files[i] = data
   return files
+
+
+def _check_image(name, i, data):
+  """RequestError unless `data` starts as an image file and claims at most MAX_IMAGE_PIXELS."""
+  if not data.startswith(_IMAGE_MAGIC):
+    raise served_model.RequestError(
+      f"instance {i} of '{name}' is not a PNG, JPEG, GIF or BMP file (it starts with {data[:8]!r})."
+    )
+  pixels = image_pixels(data)
+  if pixels is not None and pixels > MAX_IMAGE_PIXELS:
+    raise served_model.RequestError(
+      f"instance {i} of '{name}' claims {pixels} pixels, more than the server's "
+      f'limit of {MAX_IMAGE_PIXELS}; send smaller images.'
+    )
 
 
 def to_array(name, value, spec):
@@ -128,6 +132,13 @@ def to_array(name, value, spec):
         f"input '{name}' must be integers, {spec.describe()}; it holds "
         'fractions (use serving_default for floats in [0, 1]).'
       )
+  return check_values(name, array, spec).astype(spec.dtype)
+
+
+def check_values(name, array, spec):
+  """A numeric array of a batch -> itself if finite, of spec's shape and within spec's range;
+  RequestError otherwise."""
+  kind = array.dtype.kind
   if kind == 'f' and not np.isfinite(array).all():
     bad = int((~np.isfinite(array)).sum())
     raise served_model.RequestError(f"input '{name}' has {bad} NaN or infinite value(s).")
@@ -147,7 +158,27 @@ def to_array(name, value, spec):
       + (' (float images are pixel / 255)' if spec.dtype.kind == 'f' and name == 'images' else '')
       + '.'
     )
-  return array.astype(spec.dtype)
+  return array
+
+
+def check_tensor(name, array, spec):
+  """An array decoded from a gRPC TensorProto -> itself, checked as the REST inputs are: the
+  dtype must be the signature's (as in TF Serving), DT_STRING items must be image files."""
+  if array.dtype != spec.dtype and not (spec.is_string and array.dtype.kind in 'OS'):
+    raise served_model.RequestError(
+      f"input '{name}' is {array.dtype.name}; it must be {spec.describe()}."
+    )
+  if not spec.is_string:
+    return check_values(name, array, spec)
+  if array.ndim != 1 or not array.size:
+    raise served_model.RequestError(
+      f"input '{name}' has shape {list(array.shape)}; it must be a non-empty {spec.describe()}."
+    )
+  files = np.empty(len(array), dtype=object)
+  for i, data in enumerate(array):
+    _check_image(name, i, bytes(data))
+    files[i] = bytes(data)
+  return files
 
 
 def parse_predict_request(body, specs, max_batch_size):

@@ -14,16 +14,18 @@ import time
 
 import numpy as np
 
+from acet_tf.serving import served_model
+
 
 class QueueFullError(RuntimeError):
   """The batch queue has no room (or the batcher is shutting down); the client should retry."""
 
 
 class _Task:
-  __slots__ = ('key', 'fn', 'inputs', 'size', 'enqueued', 'done', 'outputs', 'error')
+  __slots__ = ('key', 'fn', 'inputs', 'size', 'deadline', 'enqueued', 'done', 'outputs', 'error')
 
-  def __init__(self, key, fn, inputs, size):
-    self.key, self.fn, self.inputs, self.size = key, fn, inputs, size
+  def __init__(self, key, fn, inputs, size, deadline):
+    self.key, self.fn, self.inputs, self.size, self.deadline = key, fn, inputs, size, deadline
     self.enqueued = time.monotonic()
     self.done = threading.Event()
     self.outputs = self.error = None
@@ -70,16 +72,20 @@ class Batcher:
     for t in self._threads:
       t.start()
 
-  def run(self, key, fn, inputs, size):
+  def run(self, key, fn, inputs, size, deadline=None):
     """fn(inputs) -> {name: array [n, ...]}, possibly merged with other calls of the same key.
 
-    inputs: {name: array [size, ...]}, size <= max_batch_size. Returns this call's rows of the
-    outputs; raises fn's error (a merged batch that fails is retried call by call, so one bad
-    request does not fail the others) or QueueFullError.
+    inputs: {name: array [size, ...]}, size <= max_batch_size. deadline: a time.monotonic() time
+    or None; a call whose deadline passes before its batch runs is not run and raises
+    served_model.DeadlineExceededError. Returns this call's rows of the outputs; raises fn's error
+    (a merged batch that fails is retried call by call, so one bad request does not fail the
+    others) or QueueFullError.
     """
     if size > self.max_batch_size:
       raise ValueError(f'size {size} > max_batch_size {self.max_batch_size}')
-    task = _Task(key, fn, inputs, size)
+    if deadline is not None and time.monotonic() >= deadline:
+      raise served_model.DeadlineExceededError()
+    task = _Task(key, fn, inputs, size, deadline)
     with self._cond:
       if self._closed:
         raise QueueFullError('The server is shutting down; retry on another replica.')
@@ -92,7 +98,13 @@ class Batcher:
       self._queued += size
       self._on_queue(self._queued)
       self._cond.notify_all()
-    task.done.wait()
+    if deadline is not None and not task.done.wait(max(0.0, deadline - time.monotonic())):
+      with self._cond:
+        if task in self._queue:  # Not taken into a batch yet: withdrawn, never run.
+          self._take(task)
+          self._on_queue(self._queued)
+          raise served_model.DeadlineExceededError()
+    task.done.wait()  # Taken into a batch: _execute runs it or, if expired, refuses it.
     if task.error is not None:
       raise task.error
     return task.outputs
@@ -144,6 +156,13 @@ class Batcher:
       self._execute(batch)
 
   def _execute(self, batch):
+    now = time.monotonic()
+    for task in [t for t in batch if t.deadline is not None and now >= t.deadline]:
+      task.error = served_model.DeadlineExceededError()
+      task.done.set()
+      batch.remove(task)
+    if not batch:
+      return
     if len(batch) == 1:
       self._run_alone(batch[0])
       return

@@ -23,11 +23,19 @@ class VersionNotFoundError(LookupError):
   """The requested version is not served; the message lists those that are."""
 
 
+class VersionLoadingError(VersionNotFoundError):
+  """The requested version is being loaded; it is served once AVAILABLE (retry)."""
+
+
 class ModelVersions:
   """The served versions of one export: get(version), status(version), a polling thread."""
 
-  def __init__(self, export_dir, load, *, keep=1, poll_interval_s=0.0, on_change=None):
+  def __init__(
+    self, export_dir, load, *, keep=1, poll_interval_s=0.0, on_change=None, allowed=None
+  ):
     """Loads the newest `keep` complete versions now (FileNotFoundError if none loads).
+
+    allowed: only these versions are served (TF Serving's specific version policy), or None.
 
     load(version_dir) -> a model object with a `version` attribute. poll_interval_s > 0 starts a
     daemon thread polling for new versions; 0 loads once. on_change(states) after each change.
@@ -39,6 +47,7 @@ class ModelVersions:
     self.export_dir = export_dir
     self.keep = keep
     self.poll_interval_s = poll_interval_s
+    self.allowed = None if allowed is None else frozenset(allowed)
     self._load = load
     self._on_change = on_change or (lambda states: None)
     self._models = {}  # version -> model; replaced, never mutated, so readers need no lock.
@@ -66,6 +75,8 @@ class ModelVersions:
     """One look at the export directory: load new versions, swap, unload old ones."""
     with self._lock:
       complete = export_layout.complete_versions(self.export_dir)
+      if self.allowed is not None:
+        complete = [v for v in complete if v in self.allowed]
       wanted = [v for v in complete[::-1] if v not in self._failed][: self.keep]
       changed = False
       loaded = dict(self._models)
@@ -126,6 +137,10 @@ class ModelVersions:
       return models[max(models)]
     if version not in models:
       state = self._states.get(version, ('',))[0]
+      if state == 'LOADING':
+        raise VersionLoadingError(
+          f'Version {version} is loading; the server serves version(s) {sorted(models)}.'
+        )
       why = f' (state {state})' if state else ''
       raise VersionNotFoundError(
         f'Version {version} is not served{why}; the server serves version(s) {sorted(models)}.'

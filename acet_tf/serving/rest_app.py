@@ -50,6 +50,10 @@ class RestApp:
     max_body_bytes, max_batch_size: larger bodies get 413, larger batches 400.
     batcher: a dynamic_batching.Batcher for dynamic batching, or None (one model call a request).
     metrics: a monitoring.ServingMetrics (a new one by default).
+    labels: {label: version}, TF Serving's version labels (/v1/models/NAME/labels/LABEL, gRPC
+      version_label); a label resolves only to a served version.
+    request_timeout_s: a :predict whose model call has not started this long after the request
+      arrived is answered 504 and not run (None: no deadline).
   """
 
   def __init__(
@@ -61,6 +65,8 @@ class RestApp:
     max_batch_size=1024,
     batcher=None,
     metrics=None,
+    request_timeout_s=None,
+    labels=None,
   ):
     if not model_name or '/' in model_name or ':' in model_name:
       raise ValueError(f'model_name must be non-empty without "/" or ":", got {model_name!r}.')
@@ -76,15 +82,20 @@ class RestApp:
     self.max_batch_size = max_batch_size
     self.batcher = batcher
     self.metrics = metrics or monitoring.ServingMetrics()
+    self.request_timeout_s = request_timeout_s
+    self.labels = dict(labels or {})
     base, version = '/v1/models/<name:name>', '/v1/models/<name:name>/versions/<int:version>'
+    label = '/v1/models/<name:name>/labels/<label:label>'
     rules = [routing.Rule(METRICS_PATH, endpoint='metrics', methods=['GET'])]
-    for prefix in (base, version):
+    for prefix in (base, version, label):
       rules += [
         routing.Rule(prefix, endpoint='status', methods=['GET']),
         routing.Rule(prefix + '/metadata', endpoint='metadata', methods=['GET']),
         routing.Rule(prefix + ':predict', endpoint='predict', methods=['POST']),
       ]
-    self.url_map = routing.Map(rules, converters={'name': _ModelNameConverter})
+    self.url_map = routing.Map(
+      rules, converters={'name': _ModelNameConverter, 'label': _ModelNameConverter}
+    )
 
   @property
   def model(self):
@@ -102,9 +113,16 @@ class RestApp:
         status, body, mimetype = 200, self.metrics.render(), monitoring.CONTENT_TYPE
       else:
         self._check_name(args['name'])
-        status, body = getattr(self, '_' + endpoint)(request, args.get('version'))
+        if 'label' in args:
+          args['version'] = self.version_for_label(args['label'])
+        deadline = (
+          None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
+        )
+        status, body = getattr(self, '_' + endpoint)(request, args.get('version'), deadline)
     except served_model.RequestError as e:
       status, body = e.code, {'error': str(e)}
+    except model_versions.VersionLoadingError as e:
+      status, body = 503, {'error': str(e)}
     except model_versions.VersionNotFoundError as e:
       status, body = 404, {'error': str(e)}
     except dynamic_batching.QueueFullError as e:
@@ -152,12 +170,32 @@ class RestApp:
         f'Model {name!r} not found; this server serves {self.model_name!r}.', 404
       )
 
-  def _status(self, request, version):
-    del request
+  def version_for_label(self, label):
+    """The version a label points at; VersionNotFoundError if none, or if it is not served."""
+    if label not in self.labels:
+      raise model_versions.VersionNotFoundError(
+        f'Label {label!r} is not defined; labels: {self.labels or "none"}.'
+      )
+    version = self.labels[label]
+    self.versions.get(version)  # A label points only at a served version, as in TF Serving.
+    return version
+
+  def set_labels(self, labels):
+    """Replaces the labels in one step; LookupError (and no change) if one names a version not
+    served."""
+    for label, version in labels.items():
+      try:
+        self.versions.get(version)
+      except model_versions.VersionNotFoundError as e:
+        raise LookupError(f'label {label!r} -> version {version}: {e}') from None
+    self.labels = dict(labels)
+
+  def _status(self, request, version, deadline):
+    del request, deadline
     return 200, {'model_version_status': self.versions.status(version)}
 
-  def _metadata(self, request, version):
-    del request
+  def _metadata(self, request, version, deadline):
+    del request, deadline
     model = self.versions.get(version)
     acet = dict(model.metadata)
     acet['threshold'] = dict(acet['threshold'], current=model.threshold)
@@ -166,24 +204,33 @@ class RestApp:
       'metadata': {'signature_def': {'signature_def': model.signature_defs}, 'acet_tf': acet},
     }
 
-  def _predict(self, request, version):
+  def _predict(self, request, version, deadline):
     data = request.get_data(cache=False)  # Raises RequestEntityTooLarge past the cap.
     body = codec.decode_json(data)
     model = self.versions.get(version)  # Held to the end: a version switch cannot cut it off.
     name, arrays, row_format = codec.parse_predict_request(body, model.specs, self.max_batch_size)
-    outputs = self._run(model, name, arrays)
+    outputs = self.run(model, name, arrays, deadline)
     if 'accepted' in outputs:
       self.metrics.observe_decisions(model.version, name, outputs['accepted'])
     return 200, codec.format_response(outputs, row_format)
 
-  def _run(self, model, name, arrays):
+  def run(self, model, name, arrays, deadline=None):
+    """One validated predict on `model` (through the batcher when on), as REST and gRPC run it.
+
+    deadline: a time.monotonic() time; past it the model is not called and
+    served_model.DeadlineExceededError is raised.
+    """
     specs = model.specs[name]
-    size = len(next(iter(arrays.values())))
+    # The batch size from a batched input (with_threshold's threshold is a scalar).
+    size = next((len(arrays[k]) for k, s in sorted(specs.items()) if s.batched), 1)
     batchable = all(s.batched for s in specs.values())
+    if deadline is not None and time.monotonic() >= deadline:
+      raise served_model.DeadlineExceededError()
     if self.batcher is None or not batchable or size > self.batcher.max_batch_size:
       self.metrics.batch_size.labels(name).observe(size)
       return model.predict(name, arrays)
-    return self.batcher.run((id(model), name), functools.partial(model.predict, name), arrays, size)
+    fn = functools.partial(model.predict, name)
+    return self.batcher.run((id(model), name), fn, arrays, size, deadline)
 
   def on_batch(self, key, size):
     """Batcher callback: one merged model call of `size` examples."""
@@ -215,14 +262,17 @@ def create_app(
   poll_interval_s: float = 0.0,
   batching: Mapping[str, Any] | None = None,
   tune_gc: bool = False,
+  request_timeout_s: float | None = None,
+  labels: Mapping[str, int] | None = None,
+  allowed_versions: tuple | None = None,
 ) -> 'RestApp':
   """Loads the export and returns its RestApp (a WSGI callable).
 
   version: serve only this version (no watching); otherwise the newest `keep_versions`, polled
   every `poll_interval_s` seconds (0: loaded once). batching: None, or a dict of
   dynamic_batching.Batcher's arguments (max_batch_size, batch_timeout_micros, num_batch_threads,
-  max_enqueued_batches). tune_gc: freeze_gc() after each load (process-wide, so for the server
-  binary, not for a library caller).
+  max_enqueued_batches). allowed_versions: serve only these (None: any). tune_gc: freeze_gc()
+  after each load (process-wide, so for the server binary, not for a library caller).
   """
   after_load = freeze_gc if tune_gc else (lambda: None)
   metrics = monitoring.ServingMetrics()
@@ -238,6 +288,7 @@ def create_app(
       functools.partial(served_model.ServedModel.from_version_dir, threshold=threshold),
       keep=keep_versions,
       poll_interval_s=poll_interval_s,
+      allowed=allowed_versions,
       on_change=lambda states: (metrics.observe_versions(states), after_load()),
     )
   rest = RestApp(
@@ -246,6 +297,8 @@ def create_app(
     max_body_bytes=max_body_bytes,
     max_batch_size=max_batch_size,
     metrics=metrics,
+    request_timeout_s=request_timeout_s,
+    labels=labels,
   )
   if batching is not None:
     rest.batcher = dynamic_batching.Batcher(

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from acet_tf.artifacts import export_layout
+from acet_tf.artifacts import warmup
 
 DEFAULT_SIGNATURE = 'serving_default'
 
@@ -24,6 +25,13 @@ class RequestError(ValueError):
   def __init__(self, message, code=400):
     super().__init__(message)
     self.code = code
+
+
+class DeadlineExceededError(RequestError):
+  """The request's deadline passed before its model call started; it was not run."""
+
+  def __init__(self, message='The request deadline passed before the model ran; it was not run.'):
+    super().__init__(message, 504)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +59,7 @@ class InputSpec:
 class ServedModel:
   """One version of an export, loaded: its signatures, input specs, metadata and threshold."""
 
-  def __init__(self, export_dir, *, version=None, threshold=None):
+  def __init__(self, export_dir, *, version=None, threshold=None, warm_up=True):
     """Loads `version` (default: the newest complete one) of `export_dir`.
 
     `threshold` overrides the stored one. Raises FileNotFoundError if there is no such complete
@@ -68,17 +76,21 @@ class ServedModel:
         f'Version {version} is not a complete version of {export_dir}; it has {versions}.'
       )
     self.load(
-      os.path.join(export_dir, str(versions[-1] if version is None else version)), threshold
+      os.path.join(export_dir, str(versions[-1] if version is None else version)),
+      threshold,
+      warm_up,
     )
 
   @classmethod
-  def from_version_dir(cls, path, threshold=None):
+  def from_version_dir(cls, path, threshold=None, warm_up=True):
     """Loads EXPORT/<version> directly (ModelVersions' loader)."""
     model = cls.__new__(cls)
-    model.load(path, threshold)
+    model.load(path, threshold, warm_up)
     return model
 
-  def load(self, path, threshold):
+  def load(self, path, threshold, warm_up=True):
+    """Loads the SavedModel at `path`; with warm_up, replays its warm-up file (ValueError if a
+    record does not run: the version is then not served, as in TF Serving)."""
     self.path = path
     self.version = int(os.path.basename(os.path.normpath(path)))
     self._saved = tf.saved_model.load(self.path)
@@ -94,6 +106,20 @@ class ServedModel:
     self._functions = {name: self._saved.signatures[name] for name in self.specs}
     if threshold is not None:
       self.set_threshold(threshold)
+    self.warmed_up = self._warm_up() if warm_up else 0
+
+  def _warm_up(self):
+    """Runs each request of the warm-up file once; returns how many ran."""
+    requests = warmup.read(self.path)
+    for i, request in enumerate(requests):
+      name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+      try:
+        if name not in self._functions:
+          raise RequestError(f'unknown signature {name!r}')
+        self.predict(name, {k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+      except (RequestError, TypeError, ValueError) as e:
+        raise ValueError(f'Warm-up request {i} of {self.path} failed: {e}') from None
+    return len(requests)
 
   def _input_specs(self, name):
     if name not in self._saved.signatures:
@@ -126,6 +152,7 @@ class ServedModel:
     with tf.io.gfile.GFile(os.path.join(self.path, 'saved_model.pb'), 'rb') as f:
       proto.ParseFromString(f.read())
     defs = proto.meta_graphs[0].signature_def
+    self.signature_def_protos = {name: defs[name] for name in self.specs}  # For gRPC metadata.
     return {
       name: json_format.MessageToDict(defs[name], preserving_proto_field_name=True)
       for name in self.specs

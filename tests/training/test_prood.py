@@ -154,7 +154,8 @@ def test_restore_classifier_refuses_another_dataset_or_a_prood_run(tmp_path):
     runs.restore_classifier(target, str(tmp_path / 'p'), config)
 
 
-def test_trainer_takes_the_frozen_classifier_and_restores_a_prood_model(tmp_path):
+@pytest.mark.slow  # A trainer run, an evaluation and an export: about 30 s idle, minutes shared.
+def test_trainer_takes_the_frozen_classifier_restores_and_exports_a_prood_model(tmp_path):
   source = _fake_classifier_run(str(tmp_path / 'plain'))
   config = mnist5k.get_config('prood,runlocal')
   config.out_data.update(sources=('noise',), shares=(1.0,))  # No photo bank: seconds.
@@ -173,3 +174,17 @@ def test_trainer_takes_the_frozen_classifier_and_restores_a_prood_model(tmp_path
     np.testing.assert_array_equal(got, want)  # Frozen: the source run's weights, untouched.
   final = json.load(open(tmp_path / 'run' / runs.FINAL_METRICS))
   assert 'test/error' in final and final['step'] == config.num_train_steps
+  # The export serves the mixture: its probabilities are the softmax of the ProoD logits.
+  from acet_tf.exporting import exporter
+
+  path, metadata = exporter.export_model(
+    str(tmp_path / 'run'),
+    str(tmp_path / 'export'),
+    threshold=0.5,
+    num_examples=16,
+    adv_noise_examples=0,
+  )
+  assert metadata['method'] == 'prood'
+  served = tf.saved_model.load(path).signatures['serving_default'](images=x)
+  np.testing.assert_allclose(served['probabilities'], tf.nn.softmax(seen['out']), atol=1e-6)
+  np.testing.assert_array_equal(served['predicted_class'], model.classifier(x).numpy().argmax(1))

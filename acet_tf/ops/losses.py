@@ -50,8 +50,12 @@ def decayed_variables(model, rule):
   """
 
   def layers_of(m):  # Sub-models' layers too (a ProoD model's classifier and discriminator).
-    for layer in m.layers:
-      yield from layers_of(layer) if isinstance(layer, keras.Model) else (layer,)
+    # A list, not a generator: AutoGraph converts this function inside the train step.
+    return [
+      x
+      for layer in m.layers
+      for x in (layers_of(layer) if isinstance(layer, keras.Model) else [layer])
+    ]
 
   if rule == 'kernels':
     # models.prood.NegativeDense by name: ops does not import models.

@@ -125,3 +125,19 @@ def test_model_for_config_builds_the_prood_model_of_a_prood_config():
   assert model.input_shape == (None, 28, 28, 1)
   plain = models.model_for_config(mnist5k.get_config('plain'), (28, 28, 1), 10)
   assert not isinstance(plain, prood.ProodModel)
+
+
+def test_weight_decay_takes_both_sub_models_but_not_the_negative_layer():
+  from acet_tf.ops import losses
+
+  model = tiny_prood(3)
+  last = model.discriminator.layers[-1]
+  negative = {id(v) for v in last.trainable_weights}
+  for rule in ('reference', 'kernels'):
+    chosen = losses.decayed_variables(model, rule)
+    ids = {id(v) for v in chosen}
+    assert not ids & negative, rule
+    assert ids & {id(v) for v in model.classifier.trainable_variables}, rule
+    assert ids & {id(v) for v in model.discriminator.trainable_variables}, rule
+  # 'reference': every conv and dense variable of both (3 layers each), kernels and biases.
+  assert len(losses.decayed_variables(model, 'reference')) == 6 + 6

@@ -213,7 +213,8 @@ def build(config, strategy, total_steps=10**6):
   """Model and optimizer as the trainer makes them (inside the strategy's scope)."""
   keras.mixed_precision.set_global_policy(config.mixed_precision or 'float32')
   with strategy.scope():
-    model = models.create_model(config.model, MODEL_INPUTS[config.model], NUM_CLASSES)
+    # The trainer's model of the method (a ProodModel for prood).
+    model = models.model_for_config(config, MODEL_INPUTS[config.model], NUM_CLASSES)
     optimizer = train_step.create_optimizer(config, total_steps)
     optimizer.build(model.trainable_variables)
   return model, optimizer

@@ -33,8 +33,34 @@ class Mutation:
 
 IBP_TESTS = ('tests/robustness/test_ibp.py',)
 APGD_TESTS = ('tests/robustness/test_apgd.py',)
+PROOD_MODEL_TESTS = ('tests/models/test_prood.py',)
+PROOD_BOUND_TESTS = ('tests/robustness/test_prood_bound.py',)
 
 MUTATIONS = (
+  Mutation(
+    'prood_positive_weights',
+    'acet_tf/models/prood.py',
+    'return -tf.exp(tf.convert_to_tensor(self.log_weight))',
+    'return tf.exp(tf.convert_to_tensor(self.log_weight))',
+    PROOD_MODEL_TESTS,
+    "discriminator's last layer without its sign: far away p(in) -> 1, no asymptotic guarantee",
+  ),
+  Mutation(
+    'prood_bound_without_u',
+    'acet_tf/models/prood.py',
+    'return u + (1.0 - u) / float(num_classes)',
+    'return (1.0 - u) / float(num_classes)',
+    PROOD_BOUND_TESTS,
+    "ProoD's certificate without the in-term u (p(y|x, in) <= 1 dropped)",
+  ),
+  Mutation(
+    'prood_in_logit_lower_end',
+    'acet_tf/robustness/ibp.py',
+    '_, hi = logit_bounds(discriminator, *input_box(x, eps))',
+    'hi, _ = logit_bounds(discriminator, *input_box(x, eps))',
+    PROOD_BOUND_TESTS,
+    "the in-logit's lower end taken as its upper bound",
+  ),
   Mutation(
     'ibp_bn_abs',
     'acet_tf/robustness/ibp.py',

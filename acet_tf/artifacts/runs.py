@@ -138,7 +138,8 @@ def restore_checkpoint(checkpoint, path, config, info, *, partial=False):
 def restore_model(workdir, config=None):
   """The model of the latest checkpoint in `workdir` (weights and batch-norm statistics only).
 
-  Returns (model, config, info, step): config is the one saved in the run unless given; info the
+  Returns (model, config, info, step): model as trained (for prood the models.ProodModel of
+  classifier and discriminator); config is the one saved in the run unless given; info the
   dataset's DatasetInfo (when the data is not on this machine, its recorded shape and classes with
   info.has_data=False, logged: see known_datasets); step the checkpoint's. No optimizer is built;
   its slots are not read.
@@ -148,7 +149,33 @@ def restore_model(workdir, config=None):
   info = known_datasets.info_or_recorded(
     config.dataset, config.data_dir or None, input_pipeline.options_from_config(config)
   )
-  model = models.create_model(config.model, info.image_shape, info.num_classes)
+  model = models.model_for_config(config, info.image_shape, info.num_classes)
   latest = latest_checkpoint(workdir)
   restore_checkpoint(tf.train.Checkpoint(model=model), latest, config, info, partial=True)
   return model, config, info, checkpoint_step(latest)
+
+
+def restore_classifier(classifier, workdir, config):
+  """Restores the classifier of the run in `workdir` into `classifier` (ProoD's frozen one).
+
+  Refuses, naming both, a run of another dataset or model, or a ProoD run (its checkpoint holds
+  a joint model). Returns the run's checkpoint step.
+  """
+  source = read_config(workdir)
+  if source.method == 'prood':
+    raise ValueError(
+      f'classifier_workdir {workdir} is a prood run; give a run of a classifier (plain, ceda, ...).'
+    )
+  if (source.dataset, source.model) != (config.dataset, config.model):
+    raise ValueError(
+      f'classifier_workdir {workdir} trained {source.model} on {source.dataset}, but this run '
+      f'has model {config.model} on {config.dataset}: they must agree.'
+    )
+  latest = latest_checkpoint(workdir)
+  try:
+    tf.train.Checkpoint(model=classifier).restore(
+      latest
+    ).expect_partial().assert_existing_objects_matched()
+  except (AssertionError, ValueError) as e:
+    raise ValueError(f'Checkpoint {latest} does not fit classifier {config.model}: {e}') from e
+  return checkpoint_step(latest)

@@ -113,6 +113,11 @@ def base_config(method):
 
   if method == 'good':
     c.good = step.good  # GOOD_Q's eps, q, weight and ramp (train_step.step_config).
+  if method == 'prood':
+    c.prood = step.prood  # ProoD's eps, weight, ramp and discriminator (train_step.step_config).
+    # '' trains the classifier (config.model) jointly with plain cross-entropy; a run directory
+    # (runs/mnist5k_plain, an imported authors' model) takes its classifier, frozen.
+    c.classifier_workdir = ''
 
   # Evaluation during and at the end of training (the full Table 1 is acet_tf.evaluate).
   c.eval = ml_collections.ConfigDict()

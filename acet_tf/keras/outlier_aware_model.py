@@ -24,7 +24,9 @@ import tensorflow as tf
 from acet_tf.ops import losses
 from acet_tf.training import train_step
 
-METHODS = train_step.METHODS
+# Every method of the trainer but prood, whose model is a classifier plus a discriminator
+# (models.ProodModel): train it with acet_tf.train.
+METHODS = tuple(m for m in train_step.METHODS if m != 'prood')
 # The step config's keys that the keyword overrides may set (nested ones take a dict of fields).
 STEP_KEYS = (
   'seed',
@@ -76,6 +78,11 @@ def make_step_config(method, config=None, **overrides):
     if config is None:
       raise ValueError(f'Give method= (one of {METHODS}) or a config that names it.')
     method = config.method
+  if method == 'prood':
+    raise ValueError(
+      'OutlierAwareModel does not train prood (a classifier plus a discriminator); use '
+      'python -m acet_tf.train --config=configs/mnist5k.py:prood.'
+    )
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}: OutlierAwareModel trains one of {METHODS}.')
   if config is not None and config.get('method', method) != method:

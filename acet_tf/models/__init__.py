@@ -10,6 +10,8 @@ is not piecewise affine).
 
 from acet_tf.models import factory
 from acet_tf.models.lenet import lenet
+from acet_tf.models.prood import ProodModel
+from acet_tf.models.prood import discriminator
 from acet_tf.models.resnet import preact_inference_logits
 from acet_tf.models.resnet import preact_resnet
 from acet_tf.models.resnet import resnet18
@@ -58,6 +60,23 @@ def create_model(name, input_shape, num_classes):
   if name not in _BUILDERS:
     return factory.create(name, input_shape, num_classes)
   return _BUILDERS[name](tuple(input_shape), int(num_classes), name=name)
+
+
+def create_prood_model(classifier_name, input_shape, num_classes, filters=(16, 32), dense=100):
+  """A ProodModel (models/prood.py): the classifier `classifier_name` (create_model) and a fresh
+  discriminator with conv `filters` and `dense` units; outputs log p(y|x) of the mixture [B, K]."""
+  classifier = create_model(classifier_name, input_shape, num_classes)
+  disc = discriminator(tuple(input_shape), tuple(filters), int(dense))
+  return ProodModel(classifier, disc)
+
+
+def model_for_config(config, input_shape, num_classes):
+  """The model a training config trains: create_model(config.model) for every method but prood,
+  whose model is the ProodModel of config.model and the discriminator of config.prood."""
+  if config.method == 'prood':
+    p = config.prood
+    return create_prood_model(config.model, input_shape, num_classes, p.disc_filters, p.disc_dense)
+  return create_model(config.model, input_shape, num_classes)
 
 
 def inference_logits_fn(model):

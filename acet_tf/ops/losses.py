@@ -41,19 +41,40 @@ def decayed_variables(model, rule):
     rule: 'reference': every trainable variable of the convolution and dense layers, kernels and
       biases, no batch-norm parameters. That is the reference's rule (regularizers.weight_decay
       takes the variables whose names contain 'weight', 'fc' or 'conv': its conv and fc scopes),
-      which decays every LeNet bias and the ResNet's final dense bias. 'kernels': kernels only
-      (variables with ndim > 1).
+      which decays every LeNet bias and the ResNet's final dense bias; layers of sub-models count
+      (a ProoD model's), its discriminator's NegativeDense (weights -exp(V)) does not: decaying V
+      would pull its weights to -1. 'kernels': kernels only (variables with ndim > 1).
 
   Returns:
     A list of variables, in the order of model.trainable_variables.
   """
+
+  def layers_of(m):  # Sub-models' layers too (a ProoD model's classifier and discriminator).
+    # A list, not a generator: AutoGraph converts this function inside the train step.
+    return [
+      x
+      for layer in m.layers
+      for x in (layers_of(layer) if isinstance(layer, keras.Model) else [layer])
+    ]
+
   if rule == 'kernels':
-    return [v for v in model.trainable_variables if len(v.shape) > 1]
+    # models.prood.NegativeDense by name: ops does not import models.
+    negative = {
+      id(v)
+      for layer in layers_of(model)
+      if type(layer).__name__ == 'NegativeDense'
+      for v in layer.trainable_weights
+    }
+    return [v for v in model.trainable_variables if len(v.shape) > 1 and id(v) not in negative]
   if rule != 'reference':
     raise ValueError(f'weight_decay_variables must be one of {WEIGHT_DECAY_RULES}, got {rule!r}.')
   weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+
   chosen = {
-    id(v) for layer in model.layers if isinstance(layer, weighted) for v in layer.trainable_weights
+    id(v)
+    for layer in layers_of(model)
+    if isinstance(layer, weighted)
+    for v in layer.trainable_weights
   }
   return [v for v in model.trainable_variables if id(v) in chosen]
 

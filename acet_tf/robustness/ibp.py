@@ -26,10 +26,17 @@ Winograd or FFT convolutions, whose error bounds are larger). The softmax bound 
 
 The interval travels through the model's own graph as one tensor [2B, ...]: lower ends stacked on
 upper ends, so monotone layers run unchanged on it.
+
+A ProoD model (models/prood.py) is bounded through its discriminator alone: u = sigmoid of the
+upper end of the in-logit's interval bounds p(in|u) on the ball, and max_y p(y|u) <= u + (1 - u)/K
+whatever the classifier does (prood_confidence_upper_bound). confidence_upper_bound and
+make_bound_fn take either kind of model.
 """
 
 import keras
 import tensorflow as tf
+
+from acet_tf.models import prood
 
 # Positive-linear layers that sum (widened for round-off) and exact monotone ones.
 _SUMMING = ('AveragePooling2D', 'GlobalAveragePooling2D', 'Add')
@@ -183,7 +190,7 @@ def _interval_op(op):
   kind = type(op).__name__
   if kind == 'Conv2D':
     return lambda x, **kw: _conv(op, x)
-  if kind == 'Dense':
+  if kind in ('Dense', 'NegativeDense'):  # NegativeDense: `kernel` is its weights -exp(V).
     return lambda x, **kw: _dense(op, x)
   if kind == 'BatchNormalization':
     return lambda x, **kw: _batch_norm(op, x)
@@ -278,13 +285,16 @@ def confidence_upper_bound(model, x, eps):
   """float32 [B] >= max_k softmax_k(model(u)) for every u in the eps-ball around x within [0, 1].
 
   Args:
-    model: a functional Keras model returning logits (acet_tf.models), called in inference mode.
+    model: a functional Keras model returning logits (acet_tf.models), called in inference mode,
+      or a models.ProodModel (prood_confidence_upper_bound).
     x: float32 [B, H, W, C] in [0, 1].
     eps: float >= 0; at 0 the bound is the model's confidence at x, plus its round-off bound
       (about 1e-6 relative on the nets of the tests).
   """
   if eps < 0:
     raise ValueError(f'eps must be >= 0, got {eps}')
+  if isinstance(model, prood.ProodModel):
+    return prood_confidence_upper_bound(model, x, eps)
   bound = tf.exp(log_confidence_upper_bound(model, x, eps))
   return tf.math.nextafter(bound * (1.0 + 4.0 * _U), tf.constant(float('inf')))  # exp's round-off.
 
@@ -302,7 +312,36 @@ def log_confidence_upper_bound(model, x, eps):
   return tf.reduce_max(-lse, axis=1)
 
 
+def in_logit_upper_bound(discriminator, x, eps):
+  """float32 [B] >= the in-logit discriminator(u)[:, 0] for every u in the eps-ball around x
+  within [0, 1] (the discriminator of models/prood.py, or any one-output model IBP walks).
+
+  Differentiable in the weights (ProoD trains on it); eps may be a tensor (a ramp).
+  """
+  _, hi = logit_bounds(discriminator, *input_box(x, eps))
+  return hi[:, 0]
+
+
+def prood_confidence_upper_bound(model, x, eps):
+  """float32 [B] >= max_y p(y|u) of a models.ProodModel for every u in the eps-ball around x.
+
+  u_in = sigmoid(in_logit_upper_bound) bounds p(in|u); p(y|u, in) <= 1 gives max_y p(y|u) <=
+  u_in + (1 - u_in) / K (prood.confidence_bound), which is increasing in u_in. The slack covers
+  the float32 round-off of sigmoid, of the bound's two terms and of the model's own mixture and
+  softmax (a few ulps of each of K + a few terms of magnitude <= 1, so absolute).
+  """
+  g_hi = in_logit_upper_bound(model.discriminator, x, eps)
+  k = model.num_classes
+  bound = prood.confidence_bound(g_hi, k)
+  bound = bound * (1.0 + _gamma(k + 16)) + _gamma(k + 16)
+  return tf.minimum(tf.math.nextafter(bound, tf.constant(float('inf'))), 1.0)
+
+
 def make_bound_fn(model, eps):
   """A compiled images [B, ...] -> confidence_upper_bound(model, images, eps)."""
+  if isinstance(model, prood.ProodModel):
+    # Fails early on a discriminator IBP cannot bound.
+    _final_dense(model.discriminator)
+    return tf.function(lambda x: prood_confidence_upper_bound(model, x, eps), reduce_retracing=True)
   _final_dense(model)  # Fails early on a model IBP cannot bound.
   return tf.function(lambda x: confidence_upper_bound(model, x, eps), reduce_retracing=True)

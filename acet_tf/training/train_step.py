@@ -7,8 +7,12 @@ point of their eps-ball. OE (Hendrycks et al., ICLR 2019): the cross-entropy fro
 distribution on the out images instead. GOOD_Q (Bitterwolf et al., NeurIPS 2020): on the fraction
 good.q of the out images with the smallest bound, the IBP upper bound of the max log-confidence
 over their eps-ball (robustness/ibp.py), eps and the bound's weight ramped up over training; the
-plain max log-confidence on the rest. The data loss is the sum over clean and out examples divided
-by their global count (the reference), plus weight decay.
+plain max log-confidence on the rest. ProoD (Meinke et al., NeurIPS 2022): the model is a
+models.ProodModel (classifier + in-vs-out discriminator); the discriminator is trained on binary
+cross-entropy towards "in" on the clean batch and towards "out" on the IBP upper bound of its
+in-logit over the prood.eps-ball around each out image (eps ramped up), in float32; the classifier
+on plain cross-entropy, unless it is frozen (taken from another run). The data loss is the sum
+over clean and out examples divided by their global count (the reference), plus weight decay.
 """
 
 import math
@@ -18,6 +22,7 @@ import ml_collections
 import tensorflow as tf
 
 from acet_tf import models
+from acet_tf.models import prood
 from acet_tf.ops import losses
 from acet_tf.ops import noise as noise_lib
 from acet_tf.ops import outlier_sampling
@@ -25,8 +30,8 @@ from acet_tf.ops import pgd
 from acet_tf.ops import seed_streams
 from acet_tf.robustness import ibp
 
-# The training methods (the paper's three, then OE and GOOD); `config.method` is one of them.
-METHODS = ('plain', 'ceda', 'acet', 'oe', 'good')
+# The training methods (the paper's three, then OE, GOOD and ProoD); `config.method` is one of them.
+METHODS = ('plain', 'ceda', 'acet', 'oe', 'good', 'prood')
 NOISE_SOURCE = 'noise'  # In config.out_data.sources: the paper's noise, made in the step.
 
 # Streams of the per-step stateless seed; acet_tf.keras's test_step draws from TEST_STREAMS.
@@ -107,6 +112,17 @@ def step_config(method):
     c.good.weight = 1.0
     c.good.ramp_start = 0.05
     c.good.ramp_end = 0.3
+  if method == 'prood':
+    # ProoD: the discriminator's out-loss is the binary cross-entropy towards "out" of the IBP
+    # upper bound of its in-logit over the eps-ball (GOOD's radii), eps ramped linearly from 0 at
+    # ramp_start to eps at ramp_end; `weight` (the paper's kappa) multiplies the out-loss.
+    c.prood = ml_collections.ConfigDict()
+    c.prood.eps = 0.01  # SVHN and CIFAR; MNIST's is 0.3 (configs/mnist*.py).
+    c.prood.weight = 1.0
+    c.prood.ramp_start = 0.05
+    c.prood.ramp_end = 0.3
+    c.prood.disc_filters = (16, 32)  # The discriminator (models.prood.discriminator).
+    c.prood.disc_dense = 100
   c.jit_compile = False  # XLA for the whole step: for GPUs; slower on CPU here.
   return c
 
@@ -141,6 +157,19 @@ def validate_step_config(config):
     check(
       0 <= g.ramp_start <= g.ramp_end <= 1,
       f'need 0 <= good.ramp_start <= good.ramp_end <= 1, got {g.ramp_start}, {g.ramp_end}',
+    )
+  if config.method == 'prood':
+    p = config.prood
+    check(
+      p.eps >= 0 and p.weight >= 0, f'prood.eps, prood.weight must be >= 0: {p.eps}, {p.weight}'
+    )
+    check(
+      0 <= p.ramp_start <= p.ramp_end <= 1,
+      f'need 0 <= prood.ramp_start <= prood.ramp_end <= 1, got {p.ramp_start}, {p.ramp_end}',
+    )
+    check(
+      len(p.disc_filters) >= 1 and min(p.disc_filters) >= 1 and p.disc_dense >= 1,
+      f'prood.disc_filters and prood.disc_dense must be >= 1: {p.disc_filters}, {p.disc_dense}',
     )
   n = config.noise
   check(
@@ -200,14 +229,53 @@ def out_distribution(config, banks=None):
   return noise_fn
 
 
+def ramp_fraction(block, step, total_steps):
+  """float32 scalar in [0, 1]: 0 until block.ramp_start of training, linear up to 1 at
+  block.ramp_end, then 1 (fractions of training, so one config serves every length)."""
+  start, end = block.ramp_start * total_steps, block.ramp_end * total_steps
+  t = tf.cast(step, tf.float32)
+  return tf.clip_by_value((t - start) / max(end - start, 1.0), 0.0, 1.0)
+
+
 def good_ramp(config, step, total_steps):
   """(eps, weight) of GOOD's bound loss at `step`: 0 until good.ramp_start of training, linear up
-  to good.eps and good.weight at good.ramp_end, then constant (the paper's schedule, as fractions
-  so one config serves every length)."""
-  start, end = config.good.ramp_start * total_steps, config.good.ramp_end * total_steps
-  t = tf.cast(step, tf.float32)
-  frac = tf.clip_by_value((t - start) / max(end - start, 1.0), 0.0, 1.0)
+  to good.eps and good.weight at good.ramp_end, then constant (the paper's schedule)."""
+  frac = ramp_fraction(config.good, step, total_steps)
   return frac * config.good.eps, frac * config.good.weight
+
+
+def prood_eps(config, step, total_steps):
+  """ProoD's radius at `step` (ramped like GOOD's; step None: prood.eps itself)."""
+  if step is None:
+    return tf.constant(config.prood.eps, tf.float32)
+  return ramp_fraction(config.prood, step, total_steps) * config.prood.eps
+
+
+def prood_losses(model, images, out, eps, training):
+  """The ProoD discriminator's per-example losses and the mixture's log-probabilities.
+
+  Args:
+    model: a models.ProodModel.
+    images: float32 [B, H, W, C] in-distribution; out: float32 [N, H, W, C] out images.
+    eps: the radius of the out images' balls (float or float32 scalar).
+    training: the sub-models' mode.
+
+  Returns:
+    (in_bce float32 [B]: -log p(in|x) on the clean batch; out_bce float32 [N]: -log(1 - u) with
+    u = sigmoid of the IBP upper bound of the in-logit over the eps-ball around each out image,
+    i.e. the cross-entropy towards "out" of the worst point IBP allows; classifier logits float32
+    [B + N, K]; the mixture's logits float32 [B + N, K], prood.mixture_logits).
+  """
+  inputs = tf.concat([images, out], axis=0)
+  n_in = _batch_size(images)
+  logits = tf.cast(model.classifier(inputs, training=training), tf.float32)
+  g = model.in_logit(inputs, training=training)
+  in_bce = tf.math.softplus(-g[:n_in])
+  # The bound in float32 whatever the training precision: a bound is only a bound in the
+  # arithmetic it was proven in (validate_config refuses mixed precision for prood).
+  g_hi = ibp.in_logit_upper_bound(model.discriminator, tf.cast(out, tf.float32), eps)
+  out_bce = tf.math.softplus(g_hi)
+  return in_bce, out_bce, logits, prood.mixture_logits(logits, g)
 
 
 def out_loss(model, config, out, logits_out, step=None, total_steps=1):
@@ -281,8 +349,9 @@ def step_loss(model, config, images, labels, out, training, step=None, total_ste
   """The method's loss on the clean batch and its out-batch, on one replica.
 
   Args:
-    model: Keras model, images -> logits [B, K].
-    config: reads weight_decay and weight_decay_variables.
+    model: Keras model, images -> logits [B, K] (for prood a models.ProodModel, whose output is
+      the mixture's log-probabilities).
+    config: reads weight_decay and weight_decay_variables (and the method's own block).
     images: float32 [B, H, W, C] in [0, 1]; labels int [B].
     out: float32 [N, H, W, C] (out_batch) or None.
     training: the model's mode (True in the train step, False in acet_tf.keras's test_step).
@@ -300,12 +369,22 @@ def step_loss(model, config, images, labels, out, training, step=None, total_ste
     global_count = n_total * ctx.num_replicas_in_sync
   else:  # A batch of unknown size (acet_tf.keras, a last partial batch): count them.
     global_count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, n_total)
-  logits = tf.cast(model(inputs, training=training), tf.float32)
-  loss_in = losses.cross_entropy(logits[:n_in], labels)
-  if out is None:
-    loss_out = losses.max_log_confidence(logits[n_in:])  # Empty.
+  if config.method == 'prood':
+    in_bce, out_bce, cls_logits, logits = prood_losses(
+      model, images, out, prood_eps(config, step, total_steps), training
+    )
+    # A frozen classifier (config.classifier_workdir) has no loss; a joint one plain CE.
+    loss_in = in_bce
+    if model.classifier.trainable:
+      loss_in += losses.cross_entropy(cls_logits[:n_in], labels)
+    loss_out = config.prood.weight * out_bce
   else:
-    loss_out = out_loss(model, config, out, logits[n_in:], step, total_steps)
+    logits = tf.cast(model(inputs, training=training), tf.float32)
+    loss_in = losses.cross_entropy(logits[:n_in], labels)
+    if out is None:
+      loss_out = losses.max_log_confidence(logits[n_in:])  # Empty.
+    else:
+      loss_out = out_loss(model, config, out, logits[n_in:], step, total_steps)
   data_loss = tf.nn.compute_average_loss(
     tf.concat([loss_in, loss_out], axis=0), global_batch_size=global_count
   )

@@ -55,11 +55,16 @@ def validate_config(config):
       outlier_data.check_out_data(config.out_data, config.dataset)
     except outlier_data.OutlierDataError as e:
       check(False, str(e))
-  if config.method == 'good':
+  if config.method in ('good', 'prood'):
     check(
       config.mixed_precision == '',
-      'method good computes its IBP bounds in float32; train it without mixed_precision (a bound '
-      'through float16 activations would not be a bound)',
+      f'method {config.method} computes its IBP bounds in float32; train it without '
+      'mixed_precision (a bound through float16 activations would not be a bound)',
+    )
+  if config.method == 'prood' and config.classifier_workdir:
+    check(
+      tf.io.gfile.exists(os.path.join(config.classifier_workdir, runs.CONFIG)),
+      f'classifier_workdir {config.classifier_workdir} holds no run ({runs.CONFIG} missing)',
     )
   check(
     config.mixed_precision in ('', 'mixed_float16', 'mixed_bfloat16'),
@@ -126,7 +131,13 @@ def build_model_and_optimizer(config, info, total_steps, strategy):
   if config.mixed_precision:
     keras.mixed_precision.set_global_policy(config.mixed_precision)
   with strategy.scope():
-    model = models.create_model(config.model, info.image_shape, info.num_classes)
+    model = models.model_for_config(config, info.image_shape, info.num_classes)
+    if config.method == 'prood' and config.classifier_workdir:
+      # ProoD on a trained classifier: its weights from that run, frozen (the optimizer gets the
+      # discriminator's variables only). On resume the checkpoint below restores the same ones.
+      step = runs.restore_classifier(model.classifier, config.classifier_workdir, config)
+      model.classifier.trainable = False
+      logging.info('Classifier from %s (step %d), frozen.', config.classifier_workdir, step)
     optimizer = train_step.create_optimizer(config, total_steps)
     # Built here, not lazily in the first distributed step (that fails with a placeholder error).
     optimizer.build(model.trainable_variables)

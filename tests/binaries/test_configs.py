@@ -54,7 +54,7 @@ def test_paper_configs(name, method):
 
 
 def test_methods_have_one_home():
-  assert common.METHODS is train_step.METHODS == ('plain', 'ceda', 'acet', 'oe', 'good')
+  assert common.METHODS is train_step.METHODS == ('plain', 'ceda', 'acet', 'oe', 'good', 'prood')
 
 
 def test_runlocal_shrinks_every_paper_config_to_a_smoke_run():

@@ -95,7 +95,7 @@ def train_metrics(window):
   return metrics
 
 
-@pytest.mark.parametrize('method', train_step.METHODS)
+@pytest.mark.parametrize('method', acet_keras.METHODS)
 def test_fit_gives_the_trainers_losses_and_weights(method):
   config = mnist5k_config(method)
   batches = mnist5k_batches(config, STEPS)

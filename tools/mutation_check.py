@@ -36,6 +36,8 @@ APGD_TESTS = ('tests/robustness/test_apgd.py',)
 PROOD_MODEL_TESTS = ('tests/models/test_prood.py',)
 PROOD_BOUND_TESTS = ('tests/robustness/test_prood_bound.py',)
 
+OUTLIER_TESTS = ('tests/training/test_outlier_methods.py',)
+
 MUTATIONS = (
   Mutation(
     'prood_positive_weights',
@@ -148,6 +150,22 @@ MUTATIONS = (
     '        objective,',
     APGD_TESTS,
     "APGD-T's runs climb the max log-confidence, not their target class",
+  ),
+  Mutation(
+    'good_largest_bounds',
+    'acet_tf/training/train_step.py',
+    'take = rank < num_bound',
+    'take = rank >= num_bound',
+    OUTLIER_TESTS,
+    "GOOD_Q's bound loss on the points with the largest bounds, not the smallest",
+  ),
+  Mutation(
+    'oe_sign',
+    'acet_tf/ops/losses.py',
+    'return tf.reduce_logsumexp(z, axis=-1) - tf.reduce_mean(z, axis=-1)',
+    'return tf.reduce_mean(z, axis=-1) - tf.reduce_logsumexp(z, axis=-1)',
+    OUTLIER_TESTS,
+    "OE's uniform cross-entropy with the wrong sign",
   ),
 )
 

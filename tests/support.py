@@ -16,7 +16,9 @@ import tensorflow as tf
 from acet_tf.configs import common
 from acet_tf.data import input_pipeline
 from acet_tf.evaluation import predictions as predictions_lib
+from acet_tf.models import prood
 from acet_tf.ops import pgd
+from acet_tf.robustness import ibp
 
 # PGD's CPU pass variants (pgd.CPU_PASS_FEATURES; the conftest fixture `cpu_pass` forces one):
 # the automatic choice differs between kernel libraries (oneDNN, Eigen), so a test of a variant
@@ -99,7 +101,10 @@ def tiny_step_config(method, batch=8):
   return c
 
 
-def tiny_model():
+def tiny_model(seed=None):
+  """A small CNN of logits, 12x12x1 images -> 3 classes; seed: keras.utils.set_random_seed first."""
+  if seed is not None:
+    keras.utils.set_random_seed(seed)
   return keras.Sequential(
     [
       keras.Input((12, 12, 1)),
@@ -110,6 +115,23 @@ def tiny_model():
       keras.layers.Dense(3),
     ]
   )
+
+
+def tiny_prood(seed=0):
+  """A ProoD model: tiny_model(seed) and a small discriminator of its images."""
+  classifier = tiny_model(seed)
+  return prood.ProodModel(classifier, prood.discriminator((12, 12, 1), (4, 8), 16))
+
+
+def box_points(x, eps, num, seed):
+  """[num] points of the L-inf box of radius eps around x: random corners (even i) and uniform
+  points (odd i), from stateless seeds [i, seed]."""
+  lo, hi = ibp.input_box(x, eps)
+  out = []
+  for i in range(num):
+    u = tf.random.stateless_uniform(x.shape, seed=[i, seed])
+    out.append(tf.where(u < 0.5, lo, hi) if i % 2 == 0 else lo + u * (hi - lo))
+  return out
 
 
 def toy_data(n, seed=0):

@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from acet_tf.ops import losses
 from acet_tf.training import train_step
 
 # Every method of the trainer but prood, whose model is a classifier plus a discriminator
@@ -179,37 +178,6 @@ def check_classifier(classifier):
   return input_shape[1:], out.shape[1]
 
 
-def _nested_layers(layer):
-  for sub in getattr(layer, 'layers', ()):
-    yield sub
-    yield from _nested_layers(sub)
-
-
-def warn_undecayed(classifier, rule):
-  """Warns when weight decay rule 'reference' misses conv/dense layers inside nested models.
-
-  The rule (losses.decayed_variables, the trainer's) looks at the classifier's own layers only.
-  """
-  if rule != 'reference':
-    return
-  weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-  inside = {
-    id(v)
-    for layer in _nested_layers(classifier)
-    if isinstance(layer, weighted)
-    for v in layer.trainable_weights
-  }
-  missed = inside - {id(v) for v in losses.decayed_variables(classifier, rule)}
-  if missed:
-    logging.warning(
-      'Weight decay (weight_decay_variables=reference) takes the convolution and dense layers of '
-      "%s's own layers; %d variables of layers inside its nested models are not decayed. Use "
-      "weight_decay_variables='kernels' (every kernel) or a flat model.",
-      classifier.name,
-      len(missed),
-    )
-
-
 def check_batch(x, y, num_classes):
   """(images float32 [B, H, W, C], labels int32 [B]) of a batch, or an error naming the problem.
 
@@ -326,7 +294,6 @@ class OutlierAwareModel(keras.Model):
     self.total_steps = None if total_steps is None else int(total_steps)
     self.image_shape, self.num_classes = check_classifier(classifier)
     self.classifier = classifier
-    warn_undecayed(classifier, self.step_config.weight_decay_variables)
     logging.info(
       'OutlierAwareModel(%s, method=%s), step config: %s',
       classifier.name,

@@ -30,6 +30,9 @@ class NegativeDense(keras.layers.Layer):
   `kernel` is the effective (negative) weight matrix, so the IBP walker bounds it as any Dense.
   """
 
+  # losses.decayed_variables skips it: decaying V would pull the weights towards -1, not 0.
+  weight_decay_exempt = True
+
   def __init__(self, units=1, **kwargs):
     super().__init__(**kwargs)
     self.units = int(units)

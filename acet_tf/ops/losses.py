@@ -42,8 +42,9 @@ def decayed_variables(model, rule):
       biases, no batch-norm parameters. That is the reference's rule (regularizers.weight_decay
       takes the variables whose names contain 'weight', 'fc' or 'conv': its conv and fc scopes),
       which decays every LeNet bias and the ResNet's final dense bias; layers of sub-models count
-      (a ProoD model's), its discriminator's NegativeDense (weights -exp(V)) does not: decaying V
-      would pull its weights to -1. 'kernels': kernels only (variables with ndim > 1).
+      (a ProoD model's, a user's nested Keras models); layers with weight_decay_exempt (the ProoD
+      discriminator's NegativeDense, weights -exp(V)) do not under either rule. 'kernels':
+      kernels only (variables with ndim > 1).
 
   Returns:
     A list of variables, in the order of model.trainable_variables.
@@ -58,14 +59,14 @@ def decayed_variables(model, rule):
     ]
 
   if rule == 'kernels':
-    # models.prood.NegativeDense by name: ops does not import models.
-    negative = {
+    # A layer says it is exempt (models.prood.NegativeDense): ops does not import models.
+    exempt = {
       id(v)
       for layer in layers_of(model)
-      if type(layer).__name__ == 'NegativeDense'
+      if getattr(layer, 'weight_decay_exempt', False)
       for v in layer.trainable_weights
     }
-    return [v for v in model.trainable_variables if len(v.shape) > 1 and id(v) not in negative]
+    return [v for v in model.trainable_variables if len(v.shape) > 1 and id(v) not in exempt]
   if rule != 'reference':
     raise ValueError(f'weight_decay_variables must be one of {WEIGHT_DECAY_RULES}, got {rule!r}.')
   weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)

@@ -8,28 +8,14 @@ import tensorflow as tf
 
 from acet_tf import models
 from acet_tf.models import prood
+from tests import support
 
 SHAPE = (12, 12, 1)
 K = 3
 
 
-def tiny_classifier(seed=0):
-  keras.utils.set_random_seed(seed)
-  inputs = keras.Input(SHAPE)
-  x = keras.layers.Conv2D(4, 3, padding='same', activation='relu')(inputs)
-  x = keras.layers.MaxPooling2D(2)(x)
-  x = keras.layers.Flatten()(x)
-  x = keras.layers.Dense(16, activation='relu')(x)
-  return keras.Model(inputs, keras.layers.Dense(K)(x))
-
-
-def tiny_prood(seed=0):
-  classifier = tiny_classifier(seed)
-  return prood.ProodModel(classifier, prood.discriminator(SHAPE, (4, 8), 16))
-
-
 def test_output_is_the_log_of_the_mixture_and_keeps_the_classifiers_argmax():
-  model = tiny_prood()
+  model = support.tiny_prood()
   x = tf.random.stateless_uniform([64, *SHAPE], seed=[1, 2])
   logits = model.classifier(x).numpy().astype(np.float64) * 3.0
   # In-logits from confident "in" to far "out", so p(in) spans (0, 1).
@@ -57,7 +43,7 @@ def test_output_is_the_log_of_the_mixture_and_keeps_the_classifiers_argmax():
 
 
 def test_last_layer_weights_are_negative_so_the_in_logit_stays_below_its_bias():
-  model = tiny_prood(1)
+  model = support.tiny_prood(1)
   last = model.discriminator.layers[-1]
   assert isinstance(last, prood.NegativeDense)
   last.log_weight.assign(tf.random.normal(last.log_weight.shape, stddev=3.0))
@@ -78,7 +64,7 @@ def far_confidences(model, directions, alphas):
 def test_confidence_goes_to_one_over_k_far_away_and_a_plain_classifier_is_overconfident(kind):
   """ProoD's asymptotic guarantee on rays alpha * x for random directions, up to alpha = 1e6,
   against the paper's Theorem 3.1 for the classifier alone."""
-  model = tiny_prood(2)
+  model = support.tiny_prood(2)
   # A trained classifier's logits are larger: scale them so the contrast is plain.
   final = model.classifier.layers[-1]
   final.kernel.assign(final.kernel * 5.0)
@@ -130,7 +116,7 @@ def test_model_for_config_builds_the_prood_model_of_a_prood_config():
 def test_weight_decay_takes_both_sub_models_but_not_the_negative_layer():
   from acet_tf.ops import losses
 
-  model = tiny_prood(3)
+  model = support.tiny_prood(3)
   last = model.discriminator.layers[-1]
   negative = {id(v) for v in last.trainable_weights}
   for rule in ('reference', 'kernels'):

@@ -18,6 +18,7 @@ from acet_tf.models import resnet
 from acet_tf.ops import pgd
 from acet_tf.robustness import apgd
 from acet_tf.robustness import ibp
+from tests import support
 
 SEED = tf.constant([3, 4], tf.int64)
 TOL = 1e-5  # float32 round-off of the bound, relative to the logit scale.
@@ -243,16 +244,6 @@ def test_bound_at_eps_zero_is_the_forward_pass(name, model, shape):
   assert np.all(hi - lo <= 0.01 * (wide_hi - wide_lo)), np.max((hi - lo) / (wide_hi - wide_lo))
 
 
-def sampled_points(x, eps, num=6):
-  """Random corners of the box and uniform points in it, [num, B, ...] (half of each)."""
-  lo, hi = ibp.input_box(x, eps)
-  out = []
-  for i in range(num):
-    u = tf.random.stateless_uniform(x.shape, seed=[i, 9])
-    out.append(tf.where(u < 0.5, lo, hi) if i % 2 == 0 else lo + u * (hi - lo))
-  return out
-
-
 def attacked_logits(model, x, eps, steps=10):
   """Per logit k, PGD maximising z_k and PGD minimising z_k: the logits [2K, B, K] they reach."""
   b, k = x.shape[0], model.output_shape[-1]
@@ -271,7 +262,7 @@ def test_logit_intervals_contain_sampled_and_attacked_points(name, model, shape)
   x = tf.random.stateless_uniform([4, *shape], seed=[5, 6])
   lo, hi = (v.numpy() for v in ibp.logit_bounds(model, *ibp.input_box(x, EPS)))
   upper = ibp.logit_difference_upper(model, *ibp.input_box(x, EPS)).numpy()
-  reached = [model(u, training=False).numpy() for u in sampled_points(x, EPS)]
+  reached = [model(u, training=False).numpy() for u in support.box_points(x, EPS, 6, 9)]
   reached = np.concatenate([np.stack(reached), attacked_logits(model, x, EPS)])  # [P, B, K]
   tol = TOL * (1.0 + np.abs(hi).max())
   assert np.all(lo <= hi)
@@ -313,7 +304,7 @@ def test_bound_is_above_every_iterate_of_every_attack(name, model, shape, eps):
     reached.append(
       confidence(model, apgd.apgd(logits_fn, x, objective, eps=eps, steps=steps, seed=SEED)[0])
     )
-  reached.extend(confidence(model, u) for u in sampled_points(x, eps))
+  reached.extend(confidence(model, u) for u in support.box_points(x, eps, 6, 9))
   reached = np.stack(reached)
   assert np.all(reached <= bound[None] + TOL), (reached.max(axis=0), bound)
   # Informative: well below 1 at the tested radius (the nets are scaled for it).
@@ -385,7 +376,7 @@ def test_bounds_at_tiny_eps_contain_float64_and_float32_logits_without_tolerance
   upper = ibp.logit_difference_upper(model, *ibp.input_box(x, eps)).numpy().astype(np.float64)
   bound = ibp.confidence_upper_bound(model, x, eps).numpy().astype(np.float64)
   box_lo, box_hi = (np.maximum(x.numpy() - eps, 0.0), np.minimum(x.numpy() + eps, 1.0))
-  points = [x.numpy()] + [u.numpy() for u in sampled_points(x, eps)]
+  points = [x.numpy()] + [u.numpy() for u in support.box_points(x, eps, 6, 9)]
   for u in points:
     for z in (
       twin(u.astype(np.float64), training=False).numpy(),

@@ -15,6 +15,7 @@ from acet_tf.models import prood
 from acet_tf.ops import pgd
 from acet_tf.robustness import apgd
 from acet_tf.robustness import ibp
+from tests import support
 
 SHAPE = (12, 12, 1)
 K = 3
@@ -47,15 +48,6 @@ def confidence(model, u):
   return np.max(tf.nn.softmax(model(u)).numpy(), axis=1)
 
 
-def sampled_points(x, eps, num=8):
-  lo, hi = ibp.input_box(x, eps)
-  out = []
-  for i in range(num):
-    u = tf.random.stateless_uniform(x.shape, seed=[i, 11])
-    out.append(tf.where(u < 0.5, lo, hi) if i % 2 == 0 else lo + u * (hi - lo))
-  return out
-
-
 def attacked_points(model, x, eps):
   """PGD and APGD maximising the joint model's log-confidence, and PGD maximising the in-logit."""
   logits_fn = lambda u: model(u, training=False)
@@ -79,7 +71,7 @@ def test_in_logit_and_confidence_bounds_hold_against_sampled_and_attacked_points
   g_hi = ibp.in_logit_upper_bound(model.discriminator, x, eps).numpy()
   bound = ibp.confidence_upper_bound(model, x, eps).numpy()
   np.testing.assert_allclose(ibp.make_bound_fn(model, eps)(x).numpy(), bound, rtol=1e-6)
-  points = [x, *sampled_points(x, eps), *attacked_points(model, x, eps)]
+  points = [x, *support.box_points(x, eps, 8, 11), *attacked_points(model, x, eps)]
   g = np.stack([model.in_logit(u).numpy() for u in points])
   conf = np.stack([confidence(model, u) for u in points])
   assert np.all(g <= g_hi[None] + TOL), (g.max(0) - g_hi).max()

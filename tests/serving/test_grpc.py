@@ -304,19 +304,24 @@ def test_an_expired_deadline_is_deadline_exceeded_and_not_run(server):
   assert _examples_decided(url) == before + 3  # The counter does count what runs.
 
 
-@pytest.mark.slow
-def test_rest_request_timeout_is_504_and_not_run(exported_run):
-  rest = rest_app.create_app(
+def batching_app(exported_run, max_batch_size, timeout_micros, max_enqueued_batches, **kwargs):
+  """A REST app of the export with one batch thread and the given batching limits."""
+  return rest_app.create_app(
     exported_run['export_dir'],
     NAME,
     batching={
-      'max_batch_size': 8,
-      'batch_timeout_micros': 500_000,
+      'max_batch_size': max_batch_size,
+      'batch_timeout_micros': timeout_micros,
       'num_batch_threads': 1,
-      'max_enqueued_batches': 4,
+      'max_enqueued_batches': max_enqueued_batches,
     },
-    request_timeout_s=0.1,
+    **kwargs,
   )
+
+
+@pytest.mark.slow
+def test_rest_request_timeout_is_504_and_not_run(exported_run):
+  rest = batching_app(exported_run, 8, 500_000, 4, request_timeout_s=0.1)
   calls = []
   model = rest.model
   predict = model.predict
@@ -337,16 +342,7 @@ def test_rest_request_timeout_is_504_and_not_run(exported_run):
 
 @pytest.mark.slow
 def test_full_batch_queue_is_resource_exhausted(exported_run):
-  rest = rest_app.create_app(
-    exported_run['export_dir'],
-    NAME,
-    batching={
-      'max_batch_size': 1,
-      'batch_timeout_micros': 2_000_000,
-      'num_batch_threads': 1,
-      'max_enqueued_batches': 2,
-    },
-  )
+  rest = batching_app(exported_run, 1, 2_000_000, 2)
   model = rest.model
   predict = model.predict
   model.predict = lambda *a: time.sleep(1.0) or predict(*a)  # The batch thread stays busy.
@@ -546,7 +542,8 @@ def test_export_writes_warm_up_requests_replayed_before_available(exported_run, 
 
 
 @pytest.mark.slow
-def test_load_test_tool_runs_grpc_beside_rest(exported_run):
+def test_load_test_tool_reports_every_case_over_rest_and_grpc_without_errors(exported_run):
+  # One run of tools.load_test for both protocols (its REST-only run was a second server start).
   proc = subprocess.run(
     [
       sys.executable,
@@ -557,7 +554,6 @@ def test_load_test_tool_runs_grpc_beside_rest(exported_run):
       '--rounds=1',
       '--clients_b1=4',
       '--clients_b64=2',
-      '--cases=b1,b64png',
       '--protocols=rest,grpc',
     ],
     cwd=support.ROOT,
@@ -570,7 +566,11 @@ def test_load_test_tool_runs_grpc_beside_rest(exported_run):
   lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
   served = {(s['case'], s['batching'], s['protocol']) for s in lines if 'protocol' in s}
   assert served == {
-    (c, m, p) for c in ('b1', 'b64png') for m in ('off', 'on') for p in ('rest', 'grpc')
+    (c, m, p) for c in ('b1', 'b64', 'b64png') for m in ('off', 'on') for p in ('rest', 'grpc')
   }
+  in_process = {s['case'] for s in lines if s.get('batching') == 'in-process'}
+  assert in_process == {'b1', 'b64', 'b64png'}
   assert all(s['errors'] == 0 and s['requests'] > 0 for s in lines if 'requests' in s)
+  assert '| b64png | batching on |' in proc.stdout
+  assert '| b64png | gRPC, batching on |' in proc.stdout
   assert '| b64png | gRPC, batching on |' in proc.stdout

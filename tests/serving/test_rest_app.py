@@ -907,33 +907,6 @@ def test_sigterm_finishes_the_request_in_flight_and_shuts_down(server):
     socket.create_connection(('127.0.0.1', port), timeout=10).close()
 
 
-@pytest.mark.slow
-def test_load_test_tool_reports_every_case_without_errors(run):
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'tools.load_test',
-      f'--export_dir={run["export_dir"]}',
-      '--seconds=1',
-      '--rounds=1',
-      '--clients_b1=4',
-      '--clients_b64=2',
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
-  served = {(s['case'], s['batching']) for s in lines if s['batching'] != 'in-process'}
-  assert served == {(c, m) for c in ('b1', 'b64', 'b64png') for m in ('off', 'on')}
-  assert all(s['errors'] == 0 and s['requests'] > 0 for s in lines if 'requests' in s)
-  assert '| b64png | batching on |' in proc.stdout
-
-
 def _fake_version(export_dir, version, *, complete=True):
   path = os.path.join(export_dir, str(version))
   os.makedirs(os.path.join(path, 'variables'))

@@ -5,7 +5,6 @@ its classifier from another run and restores as a ProodModel."""
 import json
 import os
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -21,19 +20,8 @@ from tests import support
 SHAPE = (12, 12, 1)
 
 
-def tiny_prood(seed=0):
-  keras.utils.set_random_seed(seed)
-  inputs = keras.Input(SHAPE)
-  x = keras.layers.Conv2D(4, 3, padding='same', activation='relu')(inputs)
-  x = keras.layers.MaxPooling2D(2)(x)
-  x = keras.layers.Flatten()(x)
-  x = keras.layers.Dense(16, activation='relu')(x)
-  classifier = keras.Model(inputs, keras.layers.Dense(3)(x))
-  return prood.ProodModel(classifier, prood.discriminator(SHAPE, (4, 8), 16))
-
-
 def test_losses_are_bce_in_on_clean_images_and_bce_out_on_the_bound():
-  model = tiny_prood()
+  model = support.tiny_prood()
   images = tf.random.stateless_uniform([6, *SHAPE], seed=[1, 2])
   out = tf.random.stateless_uniform([4, *SHAPE], seed=[3, 4])
   in_bce, out_bce, logits, mixture = train_step.prood_losses(model, images, out, 0.0, False)
@@ -81,7 +69,7 @@ def _train(model, steps=100, eps=0.05):
 
 
 def test_joint_training_learns_the_task_and_certifies_low_confidence_on_noise():
-  model = tiny_prood()
+  model = support.tiny_prood()
   uniform = tf.random.stateless_uniform([64, *SHAPE], seed=[9, 9])
   images, _ = support.toy_data(64, seed=1)
   before = ibp.confidence_upper_bound(model, uniform, 0.05).numpy()
@@ -96,7 +84,7 @@ def test_joint_training_learns_the_task_and_certifies_low_confidence_on_noise():
 
 
 def test_a_frozen_classifier_keeps_its_weights_and_the_discriminator_trains():
-  model = tiny_prood(1)
+  model = support.tiny_prood(1)
   model.classifier.trainable = False
   classifier_before = [w.copy() for w in model.classifier.get_weights()]
   disc_before = [w.copy() for w in model.discriminator.get_weights()]

@@ -54,7 +54,7 @@ def trainer_steps(config, init, batches, total_steps):
   """The trainer's compiled step, one call per batch; (per-step sums, weights after)."""
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
-    model = models.create_model('lenet', (28, 28, 1), 10)
+    model = models.model_for_config(config, (28, 28, 1), 10)  # For prood a ProodModel.
     model.set_weights(init)
     optimizer = train_step.create_optimizer(config, total_steps=100)
     optimizer.build(model.trainable_variables)
@@ -100,13 +100,16 @@ def test_fit_gives_the_trainers_losses_and_weights(method):
   config = mnist5k_config(method)
   batches = mnist5k_batches(config, STEPS)
   keras.utils.set_random_seed(config.seed)
-  init = models.create_model('lenet', (28, 28, 1), 10).get_weights()
-  # GOOD's ramp over 10 steps (0 until step 0.5, full at step 3): the steps below are on it.
+  init = models.model_for_config(config, (28, 28, 1), 10).get_weights()
+  # GOOD's and ProoD's ramps over 10 steps (0 until step 0.5, full at step 3): the steps below
+  # are on them.
   want_sums, want_weights = trainer_steps(config, init, batches, total_steps=10)
 
+  # For prood the model wraps the LeNet in a ProodModel itself; it then gets the trainer's
+  # initial weights (classifier's, then discriminator's).
   classifier = models.create_model('lenet', (28, 28, 1), 10)
-  classifier.set_weights(init)
   model = acet_keras.OutlierAwareModel(classifier, config=config, total_steps=10)
+  model.classifier.set_weights(init)
   model.compile(optimizer=train_step.create_optimizer(config, total_steps=100))
   images = np.concatenate([b[0] for b in batches])
   labels = np.concatenate([b[1] for b in batches])
@@ -120,8 +123,13 @@ def test_fit_gives_the_trainers_losses_and_weights(method):
       if name == 'images_per_second':
         continue
       assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
-  for got, want in zip(classifier.get_weights(), want_weights):
+  got_weights = model.classifier.get_weights()
+  assert len(got_weights) == len(want_weights)
+  for got, want in zip(got_weights, want_weights):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  if method == 'prood':
+    assert isinstance(model.classifier, models.ProodModel)
+    assert model.classifier.classifier is classifier
   if method == 'plain':
     assert 'loss_out' not in logs.logs[-1]
   else:

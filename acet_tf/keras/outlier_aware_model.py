@@ -460,5 +460,8 @@ class OutlierAwareModel(keras.Model):
     classifier = keras.saving.deserialize_keras_object(
       config.pop('classifier'), custom_objects=custom_objects
     )
-    step = ml_collections.ConfigDict(config.pop('config'))
+    step = dict(config.pop('config'))
+    if 'prood' in step:  # JSON made step_config's tuple a list.
+      step['prood'] = dict(step['prood'], disc_filters=tuple(step['prood']['disc_filters']))
+    step = ml_collections.ConfigDict(step)
     return cls(classifier, method=config.pop('method'), config=step, **config)

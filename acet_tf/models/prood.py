@@ -147,6 +147,10 @@ class ProodModel(keras.Model):
   def input_shape(self):
     return (None,) + self._image_shape
 
+  @property
+  def output_shape(self):  # As a functional classifier's (acet_tf.keras.evaluate reads K here).
+    return (None, self.num_classes)
+
   def build(self, input_shape):
     self.built = True
 

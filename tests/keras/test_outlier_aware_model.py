@@ -40,6 +40,9 @@ def mnist5k_config(method):
   if method == 'acet':
     c.pgd.steps = 4  # The mnist5k eps 0.3 with fewer, larger steps: a few seconds per test.
     c.pgd.step_size = 0.1
+  if method == 'prood':
+    # Not step_config's discriminator: the wrapper must build config.prood's, as the trainer.
+    c.prood.update(disc_filters=(8, 16), disc_dense=32)
   # The Keras path draws the paper's noise only (the trainer's outlier banks are not in a model).
   c.out_data.sources, c.out_data.shares = ('noise',), (1.0,)
   return c

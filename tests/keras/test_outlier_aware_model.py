@@ -261,7 +261,7 @@ def test_prood_saves_and_loads_with_its_method_weights_and_outputs(tmp_path):
   np.testing.assert_allclose(model.predict(images, verbose=0), mixture, rtol=1e-5, atol=1e-6)
 
 
-def test_prood_with_a_frozen_classifier_trains_the_discriminator_alone():
+def test_prood_with_a_frozen_classifier_trains_the_discriminator_alone(tmp_path):
   images, labels = support.toy_data(64)
   keras.utils.set_random_seed(1)
   classifier = user_classifier()
@@ -276,6 +276,14 @@ def test_prood_with_a_frozen_classifier_trains_the_discriminator_alone():
   for got, want in zip(classifier.get_weights(), before):
     np.testing.assert_array_equal(got, want)
   assert all(not np.array_equal(a, b) for a, b in zip(disc.get_weights(), disc_before))
+  # A .keras file keeps it frozen: no classifier loss in loss_in, as before saving.
+  path = str(tmp_path / 'frozen.keras')
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert not loaded.classifier.classifier.trainable
+  want = model.evaluate(images, labels, batch_size=32, verbose=0, return_dict=True)
+  got = loaded.evaluate(images, labels, batch_size=32, verbose=0, return_dict=True)
+  assert got['loss_in'] == pytest.approx(want['loss_in'], rel=1e-6)
 
 
 def test_prood_is_refused_under_a_mixed_precision_policy():

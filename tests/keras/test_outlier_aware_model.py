@@ -425,6 +425,12 @@ def test_bad_hyperparameters_are_refused(kwargs, match):
     acet_keras.OutlierAwareModel(user_classifier(), **kwargs)
 
 
+def test_prood_refuses_a_classifier_of_unknown_input_shape():
+  unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+  with pytest.raises(ValueError, match='input shape, which is not known yet'):
+    acet_keras.OutlierAwareModel(unbuilt, method='prood', prood=TOY_PROOD)
+
+
 def test_a_prood_model_is_refused_for_another_method():
   with pytest.raises(ValueError, match="is a ProodModel .* train it with method='prood'"):
     acet_keras.OutlierAwareModel(support.tiny_prood(), method='ceda')

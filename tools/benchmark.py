@@ -279,7 +279,8 @@ def fit_call(config, strategy):
   keras.mixed_precision.set_global_policy(config.mixed_precision or 'float32')
   with strategy.scope():
     classifier = models.create_model(config.model, MODEL_INPUTS[config.model], NUM_CLASSES)
-    model = acet_keras.OutlierAwareModel(classifier, config=config)
+    # total_steps as train_call's step (make_train_function's default): GOOD and ProoD ramp on it.
+    model = acet_keras.OutlierAwareModel(classifier, config=config, total_steps=1)
     model.compile(optimizer=train_step.create_optimizer(config, 10**6))
   dataset = tf.data.Dataset.from_tensors(synthetic_batch(config)).repeat()
 

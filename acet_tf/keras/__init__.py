@@ -1,6 +1,7 @@
-"""acet_tf in ordinary Keras code: model.fit trains plain, CEDA or ACET on the trainer's own step
-(OutlierAwareModel), and the trained classifier goes to acet_tf's evaluation and export. May
-import: training, exporting, evaluation and the layers below them; never the binaries or configs.
+"""acet_tf in ordinary Keras code: model.fit trains any of the trainer's methods (plain, CEDA,
+ACET, OE, GOOD, ProoD) on the trainer's own step (OutlierAwareModel), and the trained classifier
+goes to acet_tf's evaluation and export. May import: training, exporting, evaluation and the
+layers below them; never the binaries or configs.
 """
 
 from acet_tf.keras.handoff import evaluate

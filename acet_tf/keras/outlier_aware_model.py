@@ -1,4 +1,5 @@
-"""OutlierAwareModel: plain, CEDA or ACET training of your own Keras classifier with model.fit.
+"""OutlierAwareModel: training of your own Keras classifier with model.fit, by any of the
+trainer's methods (plain, CEDA, ACET, OE, GOOD, ProoD).
 
   model = acet_tf.keras.OutlierAwareModel(my_keras_classifier, method='acet')
   model.compile(optimizer='adam', metrics=['accuracy'])
@@ -9,7 +10,8 @@ noise or adversarial noise batch, the loss, the update); test_step runs its part
 update (train_step.out_batch, step_loss, step_sums), in inference mode and on its own seed
 streams. The hyperparameters are a step config (train_step.step_config: the paper's recipe, or
 any acet_tf training config such as configs/mnist5k.py's) with keyword overrides, logged in full
-when the model is made and saved with it.
+when the model is made and saved with it. For ProoD the model trained is a models.ProodModel:
+your classifier plus an in-vs-out discriminator.
 """
 
 from collections.abc import Mapping
@@ -21,17 +23,17 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from acet_tf.models import prood
 from acet_tf.training import train_step
 
-# Every method of the trainer but prood, whose model is a classifier plus a discriminator
-# (models.ProodModel): train it with acet_tf.train.
-METHODS = tuple(m for m in train_step.METHODS if m != 'prood')
+METHODS = train_step.METHODS
 # The step config's keys that the keyword overrides may set (nested ones take a dict of fields).
 STEP_KEYS = (
   'seed',
   'noise',
   'pgd',
   'good',
+  'prood',
   'weight_decay',
   'weight_decay_variables',
   'jit_compile',
@@ -68,7 +70,8 @@ def make_step_config(method, config=None, **overrides):
     config: an ml_collections.ConfigDict holding at least train_step.step_config's keys (a full
       acet_tf training config works: configs/mnist5k.py's get_config('acet'), ...); None: the
       paper's recipe for `method` (train_step.step_config).
-    **overrides: STEP_KEYS; `noise` and `pgd` take a dict of their fields (pgd=dict(steps=10)).
+    **overrides: STEP_KEYS; `noise`, `pgd`, `good` and `prood` take a dict of their fields
+      (pgd=dict(steps=10)).
 
   Returns:
     A new ConfigDict with exactly train_step.step_config's keys.
@@ -77,11 +80,6 @@ def make_step_config(method, config=None, **overrides):
     if config is None:
       raise ValueError(f'Give method= (one of {METHODS}) or a config that names it.')
     method = config.method
-  if method == 'prood':
-    raise ValueError(
-      'OutlierAwareModel does not train prood (a classifier plus a discriminator); use '
-      'python -m acet_tf.train --config=configs/mnist5k.py:prood.'
-    )
   if method not in METHODS:
     raise ValueError(f'Unknown method {method!r}: OutlierAwareModel trains one of {METHODS}.')
   if config is not None and config.get('method', method) != method:
@@ -110,6 +108,8 @@ def make_step_config(method, config=None, **overrides):
   for key, value in overrides.items():
     if key not in STEP_KEYS:
       raise ValueError(f'Unknown hyperparameter {key!r}; OutlierAwareModel takes {STEP_KEYS}.')
+    if key in ('good', 'prood') and key not in step:
+      raise ValueError(f'{key}= sets the hyperparameters of method {key!r}, not of {method!r}.')
     if isinstance(step[key], ml_collections.ConfigDict):
       if not isinstance(value, Mapping):
         raise ValueError(f'{key}= takes a dict of fields of {sorted(step[key])}, got {value!r}.')
@@ -250,23 +250,33 @@ def check_batch(x, y, num_classes):
 @keras.saving.register_keras_serializable(package='acet_tf')
 class OutlierAwareModel(keras.Model):
   """Wraps an image classifier (images float32 [B, H, W, C] in [0, 1] -> logits [B, K]) so
-  that fit trains it with `method`: plain, CEDA (noise), ACET (adversarial noise), OE or GOOD.
+  that fit trains it with `method`: plain, CEDA (noise), ACET (adversarial noise), OE, GOOD or
+  ProoD.
 
   Args:
-    classifier: a keras.Model of logits (no final softmax), e.g. a keras.Sequential.
-    method: one of METHODS ('plain', 'ceda', 'acet', 'oe', 'good'); None: config.method. On
-      the paper's noise only (the trainer's config.out_data takes outlier images).
+    classifier: a keras.Model of logits (no final softmax), e.g. a keras.Sequential. For 'prood'
+      it gets a fresh discriminator (models.prood.discriminator of config.prood's disc_filters and
+      disc_dense) and the two train as a models.ProodModel; or pass a ProodModel itself. Freeze
+      the classifier (classifier.trainable = False) to train the discriminator alone, as the
+      trainer's config.classifier_workdir does.
+    method: one of METHODS ('plain', 'ceda', 'acet', 'oe', 'good', 'prood'); None: config.method.
+      On the paper's noise only (the trainer's config.out_data takes outlier images). 'prood'
+      needs the float32 dtype policy (its bounds are proven in float32).
     config: the hyperparameters, an ml_collections.ConfigDict with train_step.step_config's keys
       (any acet_tf training config has them); None: the paper's recipe for `method`.
-    total_steps: the length of the fit, for GOOD's ramp (train_step.good_ramp; required for
-      'good' unless good.ramp_end is 0). validate/evaluate use the ramp's end values.
+    total_steps: the length of the fit, for the ramps of GOOD and ProoD (train_step.good_ramp,
+      prood_eps; required for 'good' and 'prood' unless their ramp_end is 0). validate/evaluate
+      use the ramp's end values.
     **kwargs: STEP_KEYS overrides (seed=, noise=dict(...), pgd=dict(steps=..., step_size=...),
-      weight_decay=, weight_decay_variables=, jit_compile=), then keras.Model's (name=).
+      good=dict(...), prood=dict(...), weight_decay=, weight_decay_variables=, jit_compile=),
+      then keras.Model's (name=).
 
   fit takes (images, labels int [B]) batches. Metrics, as the trainer logs them without its
   `train/` prefix (Keras adds `val_` and TensorBoard's train/validation runs): loss, loss_in,
   error, mmc_in and, with noise, loss_out and mmc_out; plus compile's metrics on the clean batch.
-  The trained classifier is `model.classifier` (acet_tf.keras.evaluate, acet_tf.keras.export).
+  The trained classifier is `model.classifier` (acet_tf.keras.evaluate, acet_tf.keras.export);
+  for 'prood' that is the ProodModel, whose outputs (the mixture's logits) are what the rest of
+  acet_tf evaluates, bounds (ibp.prood_confidence_upper_bound) and exports.
   """
 
   def __init__(self, classifier, method=None, config=None, total_steps=None, **kwargs):
@@ -280,19 +290,27 @@ class OutlierAwareModel(keras.Model):
     super().__init__(**kwargs)
     self.step_config = make_step_config(method, config, **overrides)
     self.method = self.step_config.method
-    good = self.step_config.get('good')
-    if good is not None and good.ramp_end > 0 and total_steps is None:
+    ramped = {'good': 'eps and weight', 'prood': 'eps'}.get(self.method)
+    if ramped and self.step_config[self.method].ramp_end > 0 and total_steps is None:
       # The trainer knows its length; fit does not, and a ramp over a guessed length would
       # silently be another schedule.
       raise ValueError(
-        "method 'good' ramps its eps and weight over the first good.ramp_end of training: give "
-        'total_steps= (epochs x steps per epoch), or good=dict(ramp_start=0, ramp_end=0) for no '
-        'ramp.'
+        f'method {self.method!r} ramps its {ramped} over the first {self.method}.ramp_end of '
+        'training: give total_steps= (epochs x steps per epoch), or '
+        f'{self.method}=dict(ramp_start=0, ramp_end=0) for no ramp.'
       )
     if total_steps is not None and int(total_steps) < 1:
       raise ValueError(f'total_steps must be >= 1, got {total_steps}.')
     self.total_steps = None if total_steps is None else int(total_steps)
-    self.image_shape, self.num_classes = check_classifier(classifier)
+    if self.method == 'prood':
+      classifier = self._prood_model(classifier)
+    elif isinstance(classifier, prood.ProodModel):
+      raise ValueError(
+        f'The classifier {classifier.name!r} is a ProodModel (classifier + discriminator): '
+        "train it with method='prood'."
+      )
+    else:
+      self.image_shape, self.num_classes = check_classifier(classifier)
     self.classifier = classifier
     logging.info(
       'OutlierAwareModel(%s, method=%s), step config: %s',
@@ -319,6 +337,32 @@ class OutlierAwareModel(keras.Model):
     self._replica_step_optimizer = None
     if classifier.built:
       self.built = True  # Its variables are the classifier's: saved, restored, checkpointed.
+
+  def _prood_model(self, classifier):
+    """The ProodModel that method 'prood' trains: `classifier` if it is one, else `classifier`
+    with a fresh discriminator of config.prood's shape (the trainer's models.create_prood_model)."""
+    policy = keras.config.dtype_policy().name
+    if policy != 'float32':
+      # As the trainer (validate_config): the discriminator's bound is only a bound in the
+      # float32 arithmetic it is proven in.
+      raise ValueError(
+        f"method 'prood' computes its IBP bounds in float32, but the global Keras dtype policy "
+        f'is {policy!r}: train it without mixed precision (keras.config.set_dtype_policy('
+        "'float32'))."
+      )
+    if isinstance(classifier, prood.ProodModel):
+      self.image_shape, self.num_classes = check_classifier(classifier.classifier)
+      return classifier
+    self.image_shape, self.num_classes = check_classifier(classifier)
+    if self.image_shape is None:
+      raise ValueError(
+        f"method 'prood' gives the classifier {classifier.name!r} a discriminator of its input "
+        'shape, which is not known yet: build it on its input first (keras.Input((H, W, C))).'
+      )
+    p = self.step_config.prood
+    return prood.ProodModel(
+      classifier, prood.discriminator(self.image_shape, p.disc_filters, p.disc_dense)
+    )
 
   def call(self, inputs, training=False):
     return self.classifier(inputs, training=training)
@@ -416,5 +460,8 @@ class OutlierAwareModel(keras.Model):
     classifier = keras.saving.deserialize_keras_object(
       config.pop('classifier'), custom_objects=custom_objects
     )
-    step = ml_collections.ConfigDict(config.pop('config'))
+    step = dict(config.pop('config'))
+    if 'prood' in step:  # JSON made step_config's tuple a list.
+      step['prood'] = dict(step['prood'], disc_filters=tuple(step['prood']['disc_filters']))
+    step = ml_collections.ConfigDict(step)
     return cls(classifier, method=config.pop('method'), config=step, **config)

@@ -147,6 +147,10 @@ class ProodModel(keras.Model):
   def input_shape(self):
     return (None,) + self._image_shape
 
+  @property
+  def output_shape(self):  # As a functional classifier's (acet_tf.keras.evaluate reads K here).
+    return (None, self.num_classes)
+
   def build(self, input_shape):
     self.built = True
 
@@ -166,11 +170,16 @@ class ProodModel(keras.Model):
       name=self.name,
       classifier=keras.saving.serialize_keras_object(self.classifier),
       discriminator=keras.saving.serialize_keras_object(self.discriminator),
+      # Keras restores a frozen model's layers as frozen but not the model's own flag, which
+      # tells ProoD's frozen case (train_step.step_loss: no classifier loss).
+      classifier_trainable=self.classifier.trainable,
     )
 
   @classmethod
   def from_config(cls, config):
     config = dict(config)
     classifier = keras.saving.deserialize_keras_object(config.pop('classifier'))
+    if not config.pop('classifier_trainable', True):
+      classifier.trainable = False
     disc = keras.saving.deserialize_keras_object(config.pop('discriminator'))
     return cls(classifier, disc, **config)

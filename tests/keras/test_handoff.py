@@ -2,6 +2,7 @@
 and to the abstaining SavedModel export."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -115,3 +116,28 @@ def test_handoff_refuses_ambiguous_or_bad_data(mnist5k_model):
     acet_keras.evaluate(mnist5k_model, SMALL, test_data=(images, np.eye(10)[labels]))
   with pytest.raises(ValueError, match=r'in \[0, 1\]'):
     acet_keras.export(mnist5k_model, '/nonexistent', test_data=(images * 255, labels))
+
+
+def test_a_prood_model_from_fit_is_evaluated_with_prood_bounds_and_exported(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = acet_keras.OutlierAwareModel(
+    support.tiny_model(), method='prood', prood=dict(ramp_start=0, ramp_end=0)
+  )
+  # p(in|x) <= sigmoid(bias) everywhere: ProoD's bound certifies about 1/K on every ball, which
+  # the classifier's own IBP bound (what a bare classifier would get) does not.
+  model.classifier.discriminator.get_layer('disc_in_logit').bias.assign([-30.0])
+  images, labels = support.toy_data(32)
+  settings = dataclasses.replace(
+    SMALL, sets=('noise',), attacked_sets=('adv_noise',), guaranteed=True
+  )
+  results = acet_keras.evaluate(model, settings, test_data=(images, labels))
+  assert results['model']['method'] == 'prood' and results['model']['num_classes'] == 3
+  for entry in results['attacked']['adv_noise']['guaranteed'].values():
+    assert entry['mmc'] == pytest.approx(1 / 3, abs=1e-4)
+  path, metadata = acet_keras.export(
+    model, str(tmp_path / 'export'), test_data=(images, labels), adv_noise_examples=4
+  )
+  assert metadata['method'] == 'prood'
+  served = tf.saved_model.load(path).signatures['serving_default'](images=tf.constant(images))
+  want = tf.nn.softmax(model.classifier(images)).numpy()  # The mixture's probabilities.
+  np.testing.assert_allclose(served['probabilities'], want, atol=1e-6)

@@ -16,6 +16,7 @@ from acet_tf import keras as acet_keras
 from acet_tf import models
 from acet_tf.configs import mnist5k
 from acet_tf.data import input_pipeline
+from acet_tf.models import prood
 from acet_tf.training import train_step
 from tests import support
 
@@ -39,6 +40,9 @@ def mnist5k_config(method):
   if method == 'acet':
     c.pgd.steps = 4  # The mnist5k eps 0.3 with fewer, larger steps: a few seconds per test.
     c.pgd.step_size = 0.1
+  if method == 'prood':
+    # Not step_config's discriminator: the wrapper must build config.prood's, as the trainer.
+    c.prood.update(disc_filters=(8, 16), disc_dense=32)
   # The Keras path draws the paper's noise only (the trainer's outlier banks are not in a model).
   c.out_data.sources, c.out_data.shares = ('noise',), (1.0,)
   return c
@@ -54,7 +58,7 @@ def trainer_steps(config, init, batches, total_steps):
   """The trainer's compiled step, one call per batch; (per-step sums, weights after)."""
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
-    model = models.create_model('lenet', (28, 28, 1), 10)
+    model = models.model_for_config(config, (28, 28, 1), 10)  # For prood a ProodModel.
     model.set_weights(init)
     optimizer = train_step.create_optimizer(config, total_steps=100)
     optimizer.build(model.trainable_variables)
@@ -100,13 +104,16 @@ def test_fit_gives_the_trainers_losses_and_weights(method):
   config = mnist5k_config(method)
   batches = mnist5k_batches(config, STEPS)
   keras.utils.set_random_seed(config.seed)
-  init = models.create_model('lenet', (28, 28, 1), 10).get_weights()
-  # GOOD's ramp over 10 steps (0 until step 0.5, full at step 3): the steps below are on it.
+  init = models.model_for_config(config, (28, 28, 1), 10).get_weights()
+  # GOOD's and ProoD's ramps over 10 steps (0 until step 0.5, full at step 3): the steps below
+  # are on them.
   want_sums, want_weights = trainer_steps(config, init, batches, total_steps=10)
 
+  # For prood the model wraps the LeNet in a ProodModel itself; it then gets the trainer's
+  # initial weights (classifier's, then discriminator's).
   classifier = models.create_model('lenet', (28, 28, 1), 10)
-  classifier.set_weights(init)
   model = acet_keras.OutlierAwareModel(classifier, config=config, total_steps=10)
+  model.classifier.set_weights(init)
   model.compile(optimizer=train_step.create_optimizer(config, total_steps=100))
   images = np.concatenate([b[0] for b in batches])
   labels = np.concatenate([b[1] for b in batches])
@@ -120,8 +127,13 @@ def test_fit_gives_the_trainers_losses_and_weights(method):
       if name == 'images_per_second':
         continue
       assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, name)
-  for got, want in zip(classifier.get_weights(), want_weights):
+  got_weights = model.classifier.get_weights()
+  assert len(got_weights) == len(want_weights)
+  for got, want in zip(got_weights, want_weights):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  if method == 'prood':
+    assert isinstance(model.classifier, models.ProodModel)
+    assert model.classifier.classifier is classifier
   if method == 'plain':
     assert 'loss_out' not in logs.logs[-1]
   else:
@@ -217,6 +229,71 @@ def test_save_and_load_keep_the_method_the_weights_and_the_optimizer(tmp_path):
     m.fit(images, labels, batch_size=32, epochs=1, verbose=0, shuffle=False)
   for a, b in zip(model.classifier.get_weights(), loaded.classifier.get_weights()):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ProoD on a small discriminator and without the eps ramp (no total_steps needed).
+TOY_PROOD = dict(eps=0.05, ramp_start=0, ramp_end=0, disc_filters=(4, 8), disc_dense=16)
+
+
+def test_prood_saves_and_loads_with_its_method_weights_and_outputs(tmp_path):
+  images, labels = support.toy_data(64)
+  keras.utils.set_random_seed(0)
+  model = acet_keras.OutlierAwareModel(user_classifier(), method='prood', prood=TOY_PROOD)
+  model.compile(optimizer='adam')
+  # validation_data runs test_step: ProoD's losses at the ramp's end (step None).
+  history = model.fit(
+    images, labels, batch_size=32, epochs=1, verbose=0, validation_data=(images, labels)
+  )
+  assert np.isfinite(history.history['val_loss_out'][0])
+  path = str(tmp_path / 'prood.keras')
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert loaded.method == 'prood' and isinstance(loaded.classifier, models.ProodModel)
+  assert loaded.step_config.to_dict() == model.step_config.to_dict()
+  got, want = loaded.classifier.get_weights(), model.classifier.get_weights()
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+  # The output is the mixture's logits of the user's classifier and the discriminator.
+  prood_model = model.classifier
+  mixture = prood.mixture_logits(prood_model.classifier(images), prood_model.in_logit(images))
+  np.testing.assert_allclose(model.predict(images, verbose=0), mixture, rtol=1e-5, atol=1e-6)
+
+
+def test_prood_with_a_frozen_classifier_trains_the_discriminator_alone(tmp_path):
+  images, labels = support.toy_data(64)
+  keras.utils.set_random_seed(1)
+  classifier = user_classifier()
+  classifier.trainable = False
+  before = [w.copy() for w in classifier.get_weights()]
+  model = acet_keras.OutlierAwareModel(classifier, method='prood', prood=TOY_PROOD)
+  disc = model.classifier.discriminator
+  disc_before = [w.copy() for w in disc.get_weights()]
+  model.compile(optimizer='adam')
+  model.fit(images, labels, batch_size=16, epochs=1, verbose=0)
+  assert int(model.optimizer.iterations) == 4
+  for got, want in zip(classifier.get_weights(), before):
+    np.testing.assert_array_equal(got, want)
+  assert all(not np.array_equal(a, b) for a, b in zip(disc.get_weights(), disc_before))
+  # A .keras file keeps it frozen: no classifier loss in loss_in, as before saving.
+  path = str(tmp_path / 'frozen.keras')
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert not loaded.classifier.classifier.trainable
+  want = model.evaluate(images, labels, batch_size=32, verbose=0, return_dict=True)
+  got = loaded.evaluate(images, labels, batch_size=32, verbose=0, return_dict=True)
+  assert got['loss_in'] == pytest.approx(want['loss_in'], rel=1e-6)
+
+
+def test_prood_is_refused_under_a_mixed_precision_policy():
+  classifier = user_classifier()
+  keras.config.set_dtype_policy('mixed_float16')
+  try:
+    with pytest.raises(ValueError, match="global Keras dtype policy is 'mixed_float16'"):
+      acet_keras.OutlierAwareModel(classifier, method='prood', prood=TOY_PROOD)
+  finally:
+    keras.config.set_dtype_policy('float32')
 
 
 class FailAt(keras.callbacks.Callback):
@@ -332,6 +409,9 @@ def test_a_classifier_without_logits_is_refused(make, match):
   [
     (dict(method='nope'), "Unknown method 'nope'"),
     (dict(method='good'), 'give total_steps='),
+    (dict(method='prood'), r"method 'prood' ramps its eps .* give total_steps="),
+    (dict(method='acet', prood=dict(eps=0.1)), "prood= sets the hyperparameters of method 'prood'"),
+    (dict(method='prood', total_steps=5, prood=dict(epz=0.1)), r'Unknown prood field\(s\)'),
     (dict(method='acet', total_steps=0), 'total_steps must be >= 1'),
     (dict(method='acet', pgd=dict(stepz=3)), r"Unknown pgd field\(s\) \['stepz'\]"),
     (dict(method='acet', epsilon=0.3), "Unknown hyperparameter 'epsilon'"),
@@ -343,6 +423,17 @@ def test_a_classifier_without_logits_is_refused(make, match):
 def test_bad_hyperparameters_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     acet_keras.OutlierAwareModel(user_classifier(), **kwargs)
+
+
+def test_prood_refuses_a_classifier_of_unknown_input_shape():
+  unbuilt = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+  with pytest.raises(ValueError, match='input shape, which is not known yet'):
+    acet_keras.OutlierAwareModel(unbuilt, method='prood', prood=TOY_PROOD)
+
+
+def test_a_prood_model_is_refused_for_another_method():
+  with pytest.raises(ValueError, match="is a ProodModel .* train it with method='prood'"):
+    acet_keras.OutlierAwareModel(support.tiny_prood(), method='ceda')
 
 
 @pytest.mark.parametrize(

@@ -135,14 +135,14 @@ def status_of(url):
   return {int(e['version']): (e['state'], e['status']) for e in entries}
 
 
-def wait_for(url, condition, timeout_s=60):
+def wait_for(url, condition, timeout_s=30):
   """Polls the status until condition(status) holds; returns [(time, status)] of every look."""
   looks, deadline = [], time.monotonic() + timeout_s
   while True:
     looks.append((time.monotonic(), status_of(url)))
     if condition(looks[-1][1]):
       return looks
-    assert time.monotonic() < deadline, looks[-1]
+    assert time.monotonic() < deadline, f'status after {timeout_s}s: {looks[-1][1]}'
     time.sleep(0.05)
 
 

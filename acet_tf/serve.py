@@ -10,6 +10,8 @@ TF Serving's name for --export_dir. A thin binary: flags -> rest_app.create_app,
 grpc_service.create_server and runner.serve (the modules have the APIs).
 """
 
+import time
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -91,6 +93,9 @@ _MAX_CONNECTIONS = flags.DEFINE_integer(
   runner.MAX_CONNECTIONS,
   'Open HTTP connections at once (idle ones cost no worker); past it new ones wait to be accepted.',
 )
+
+# After SIGTERM, gRPC serves this long (at least) before it stops: see main's on_stop.
+GRPC_LAME_DUCK_S = 0.5
 
 PORT_MOVED = (
   '--port is now the gRPC port, as in TensorFlow Serving (--port=8500 gRPC, '
@@ -179,15 +184,16 @@ def main(argv):
     rest, _HOST.value, _PORT.value, num_threads=_GRPC_THREADS.value
   )
   logging.info('Serving gRPC at %s:%d', _HOST.value, grpc_port)
-  stopped = []
-
-  def stop_grpc():  # Refuses new calls now; those in progress get up to 60 s.
-    stopped.append(grpc_server.stop(grace=60))
+  signalled = []
 
   def on_stop():
-    if not stopped:
-      stop_grpc()
-    stopped[0].wait()
+    # gRPC's shutdown cancels (CANCELLED) the calls its core has received but not yet handed to
+    # the Python server, and under load (the GIL) calls wait there for milliseconds: stopping it
+    # at the signal failed calls sent before the signal. So gRPC serves on while REST drains, for
+    # at least GRPC_LAME_DUCK_S after the signal, then refuses new calls and finishes the others.
+    if signalled:
+      time.sleep(max(0.0, signalled[0] + GRPC_LAME_DUCK_S - time.monotonic()))
+    grpc_server.stop(grace=60).wait()  # Those in progress get up to 60 s.
     if watcher is not None:
       watcher.close()
     rest_app.close_app(rest)
@@ -201,7 +207,7 @@ def main(argv):
     max_connections=_MAX_CONNECTIONS.value,
     # Above the app's own limit, so that a body a little too large gets the app's JSON 413.
     max_body_bytes=2 * _MAX_BODY_BYTES.value + 1,
-    on_signal=stop_grpc,
+    on_signal=lambda: signalled.append(time.monotonic()),
     on_stop=on_stop,
     description=(
       f'model {config.name!r} version(s) {rest.versions.versions} '

@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from acet_tf.artifacts import export_layout
 from acet_tf.configs import common
 from acet_tf.data import input_pipeline
 from acet_tf.evaluation import predictions as predictions_lib
@@ -83,6 +84,23 @@ def start_server(export_dir, model_name, log, *flags):
 def grpc_address(log):
   """host:port of the gRPC server a start_server log names."""
   return re.search(r'Serving gRPC at (127\.0\.0\.1:\d+)', log.read_text()).group(1)
+
+
+def copy_version_slowly(src, dst):
+  """Copies a version directory file by file, the manifest FIRST and the variables last, with
+  pauses: the worst order a copier could take."""
+  files = sorted(os.path.relpath(os.path.join(r, n), src) for r, _, ns in os.walk(src) for n in ns)
+  files.sort(key=lambda f: (f != export_layout.MANIFEST, f.startswith('variables')))
+  for rel in files:
+    os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
+    with open(os.path.join(src, rel), 'rb') as f:
+      data = f.read()
+    with open(os.path.join(dst, rel), 'wb') as f:
+      f.write(data[: len(data) // 2])  # Half now, the rest after a poll interval or two.
+      f.flush()
+      time.sleep(0.6)
+      yield rel  # The caller looks while this file is half written.
+      f.write(data[len(data) // 2 :])
 
 
 # Data and models shared by the data, training and model tests.

@@ -9,11 +9,14 @@ gives a worker only a complete request: an idle or slow connection costs a socke
 """
 
 import signal
+import socket
 import threading
 import time
 
 from absl import logging
+from waitress import channel as waitress_channel
 from waitress import server as waitress_server
+from waitress import task as waitress_task
 from waitress import wasyncore
 
 # A client silent this long (mid-request or idle between requests) is disconnected.
@@ -24,8 +27,42 @@ MAX_CONNECTIONS = 4096
 
 
 def _in_flight(channel):
-  """A connection with a request started, queued, running or not yet written back."""
-  return bool(channel.request is not None or channel.requests or channel.total_outbufs_len)
+  """A connection with a request started, queued, running or not yet written back, or with
+  bytes the event loop has not read yet."""
+  return bool(
+    channel.request is not None
+    or channel.requests
+    or channel.total_outbufs_len
+    or _unread(channel.socket)
+  )
+
+
+def _channel_class(draining):
+  """waitress's connection, whose answers close it (Connection: close) once `draining` is set.
+
+  Otherwise a kept-alive client sends its next request on the same connection, which the drain
+  must then wait for too: a client that keeps sending would keep the server from stopping."""
+
+  class Task(waitress_task.WSGITask):
+    def build_response_header(self):
+      if draining.is_set():
+        self.set_close_on_finish()
+      return super().build_response_header()
+
+  class Channel(waitress_channel.HTTPChannel):
+    task_class = Task
+
+  return Channel
+
+
+def _unread(sock):
+  """True if the client's bytes wait in the socket. A request sent on a kept-alive connection
+  just before the signal can still be there when the drain looks; closing that connection as idle
+  would drop a request sent before the signal (waitress ignores what it reads after will_close)."""
+  try:
+    return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+  except OSError:  # Nothing to read (BlockingIOError), or already closed.
+    return False
 
 
 def serve(
@@ -51,9 +88,10 @@ def serve(
   headers past max_header_bytes and bodies past max_body_bytes are refused by waitress before the
   app sees them (the app has its own, smaller, body limit with a JSON error). Call from the main
   thread. On the signal: stop accepting, close idle connections, let the requests in flight
-  (started, queued, running or being written) finish for up to shutdown_timeout_s, then
-  on_stop() and return. on_signal() right after the signal (to stop other servers at the same
-  time); on_started(port) once bound (port 0 becomes a real one).
+  (unread, started, queued, running or being written) finish for up to shutdown_timeout_s, each
+  answer closing its connection, then on_stop() and return. on_signal() right after the signal
+  (to stop other servers at the same time); on_started(port) once bound (port 0 becomes a real
+  one).
   """
   server = waitress_server.create_server(
     wsgi_app,
@@ -69,6 +107,8 @@ def serve(
     ident='acet_tf',
     clear_untrusted_proxy_headers=True,
   )
+  draining = threading.Event()
+  server.channel_class = _channel_class(draining)
   bound_port = int(server.effective_port)
   stop = threading.Event()
   previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -81,6 +121,7 @@ def serve(
     while not stop.wait(0.5) and thread.is_alive():
       pass
     logging.info('Signal received: shutting down.')
+    draining.set()
     if on_signal is not None:
       on_signal()
   finally:

@@ -793,23 +793,6 @@ def test_client_sends_image_files(run, server, tmp_path):
   np.testing.assert_allclose([float(r[-2]) for r in rows], want['confidence'], atol=1e-4)
 
 
-def copy_version_slowly(src, dst):
-  """Copies a version directory file by file, the manifest FIRST and the variables last, with
-  pauses: the worst order a copier could take."""
-  files = sorted(os.path.relpath(os.path.join(r, n), src) for r, _, ns in os.walk(src) for n in ns)
-  files.sort(key=lambda f: (f != export_layout.MANIFEST, f.startswith('variables')))
-  for rel in files:
-    os.makedirs(os.path.dirname(os.path.join(dst, rel)), exist_ok=True)
-    with open(os.path.join(src, rel), 'rb') as f:
-      data = f.read()
-    with open(os.path.join(dst, rel), 'wb') as f:
-      f.write(data[: len(data) // 2])  # Half now, the rest after a poll interval or two.
-      f.flush()
-      time.sleep(0.6)
-      yield rel  # The caller looks while this file is half written.
-      f.write(data[len(data) // 2 :])
-
-
 @pytest.mark.slow
 def test_new_version_is_picked_up_without_failed_requests(run, tmp_path):
   export_dir = tmp_path / 'export'
@@ -829,7 +812,7 @@ def test_new_version_is_picked_up_without_failed_requests(run, tmp_path):
     threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
       t.start()
-    for rel in copy_version_slowly(run['path'], str(export_dir / '2')):
+    for rel in support.copy_version_slowly(run['path'], str(export_dir / '2')):
       status = http(f'{url}/v1/models/{NAME}')[1]['model_version_status']
       assert [s['version'] for s in status] == ['1'], (rel, status)  # Never half a version.
     done = time.monotonic()

@@ -18,15 +18,20 @@ def float16_policy():
   keras.config.set_dtype_policy(policy)
 
 
-def float16_trainer(config, initial_scale):
-  """The tiny model of test_train_step in mixed_float16 (float32 head) with its own scale."""
+def float16_trainer(config, initial_scale, pool=True):
+  """The tiny model of test_train_step in mixed_float16 (float32 head) with its own scale.
+
+  pool=False: no ReLU on the convolution and no max-pooling, so that a NaN pixel reaches the
+  loss: in a compiled graph oneDNN's fused convolution + ReLU and its max-pool turn NaN into a
+  finite value on some CPUs (seen on an Intel Emerald Rapids; eager mode keeps the NaN).
+  """
   strategy = tf.distribute.OneDeviceStrategy('/cpu:0')
   with strategy.scope():
     model = keras.Sequential(
       [
         keras.Input((12, 12, 1)),
-        keras.layers.Conv2D(4, 3, padding='same', activation='relu'),
-        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(4, 3, padding='same', activation='relu' if pool else None),
+        *([keras.layers.MaxPooling2D(2)] if pool else []),
         keras.layers.Flatten(),
         keras.layers.Dense(16, activation='relu'),
         keras.layers.Dense(3, dtype='float32'),
@@ -80,7 +85,7 @@ def test_the_trainer_wraps_float16_in_a_loss_scale_optimizer():
 
 def test_a_real_non_finite_loss_still_stops_and_names_the_step(float16_policy):
   config = support.tiny_step_config('plain')
-  model, _, strategy, train = float16_trainer(config, initial_scale=2.0**8)
+  model, _, strategy, train = float16_trainer(config, initial_scale=2.0**8, pool=False)
   images, labels = support.toy_data(32)
   images[26] = np.nan  # In the fourth batch of 8: step index 3.
   it = iter(strategy.experimental_distribute_dataset(support.toy_dataset(images, labels, 8)))
@@ -152,6 +157,10 @@ def test_a_float16_run_with_forced_overflows_trains_to_the_end(tmp_path, monkeyp
   config.strategy = 'one_device'
   config.mixed_precision = 'mixed_float16'
   config.num_train_steps = 12
+  # One evaluation, at the end, on few points: float16 runs on some CPUs' slow paths (BUILD.md).
+  config.eval.every_steps = 12
+  config.eval.max_examples = 16
+  config.eval.adv_noise_examples = 8
   scales = []
 
   def huge_scale(config, total_steps):

@@ -360,9 +360,7 @@ class OutlierAwareModel(keras.Model):
         'shape, which is not known yet: build it on its input first (keras.Input((H, W, C))).'
       )
     p = self.step_config.prood
-    return prood.ProodModel(
-      classifier, prood.discriminator(self.image_shape, p.disc_filters, p.disc_dense)
-    )
+    return prood.with_discriminator(classifier, self.image_shape, p.disc_filters, p.disc_dense)
 
   def call(self, inputs, training=False):
     return self.classifier(inputs, training=training)

@@ -10,8 +10,8 @@ is not piecewise affine).
 
 from acet_tf.models import factory
 from acet_tf.models.lenet import lenet
-from acet_tf.models.prood import ProodModel
-from acet_tf.models.prood import discriminator
+from acet_tf.models.prood import ProodModel as ProodModel  # The public name (models.ProodModel).
+from acet_tf.models.prood import with_discriminator
 from acet_tf.models.resnet import preact_inference_logits
 from acet_tf.models.resnet import preact_resnet
 from acet_tf.models.resnet import resnet18
@@ -66,8 +66,7 @@ def create_prood_model(classifier_name, input_shape, num_classes, filters=(16, 3
   """A ProodModel (models/prood.py): the classifier `classifier_name` (create_model) and a fresh
   discriminator with conv `filters` and `dense` units; outputs log p(y|x) of the mixture [B, K]."""
   classifier = create_model(classifier_name, input_shape, num_classes)
-  disc = discriminator(tuple(input_shape), tuple(filters), int(dense))
-  return ProodModel(classifier, disc)
+  return with_discriminator(classifier, input_shape, filters, dense)
 
 
 def model_for_config(config, input_shape, num_classes):

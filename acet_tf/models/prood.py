@@ -84,6 +84,11 @@ def discriminator(input_shape, filters=(16, 32), dense=100, name='discriminator'
   return keras.Model(inputs, logit, name=name)
 
 
+def with_discriminator(classifier, input_shape, filters=(16, 32), dense=100):
+  """A ProodModel of `classifier` and a fresh discriminator of images `input_shape`."""
+  return ProodModel(classifier, discriminator(tuple(input_shape), tuple(filters), int(dense)))
+
+
 def mixture_log_probs(logits, in_logit):
   """log p(y|x) float32 [B, K] of the ProoD mixture.
 

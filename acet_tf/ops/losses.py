@@ -58,26 +58,24 @@ def decayed_variables(model, rule):
       for x in (layers_of(layer) if isinstance(layer, keras.Model) else [layer])
     ]
 
-  if rule == 'kernels':
-    # A layer says it is exempt (models.prood.NegativeDense): ops does not import models.
-    exempt = {
-      id(v)
-      for layer in layers_of(model)
-      if getattr(layer, 'weight_decay_exempt', False)
-      for v in layer.trainable_weights
-    }
-    return [v for v in model.trainable_variables if len(v.shape) > 1 and id(v) not in exempt]
-  if rule != 'reference':
+  if rule not in WEIGHT_DECAY_RULES:
     raise ValueError(f'weight_decay_variables must be one of {WEIGHT_DECAY_RULES}, got {rule!r}.')
-  weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-
-  chosen = {
+  layers = layers_of(model)
+  # A layer says it is exempt (models.prood.NegativeDense), under either rule: ops does not
+  # import models.
+  exempt = {
     id(v)
-    for layer in layers_of(model)
-    if isinstance(layer, weighted)
+    for layer in layers
+    if getattr(layer, 'weight_decay_exempt', False)
     for v in layer.trainable_weights
   }
-  return [v for v in model.trainable_variables if id(v) in chosen]
+  if rule == 'kernels':
+    return [v for v in model.trainable_variables if len(v.shape) > 1 and id(v) not in exempt]
+  weighted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+  chosen = {
+    id(v) for layer in layers if isinstance(layer, weighted) for v in layer.trainable_weights
+  }
+  return [v for v in model.trainable_variables if id(v) in chosen and id(v) not in exempt]
 
 
 def weight_decay(variables, coefficient):
